@@ -1,0 +1,116 @@
+"""Frozen configuration dataclasses, validated on construction.
+
+Every config checks its own fields in ``__post_init__``: a bad value raises one ``ValueError`` that
+names the field, the value given and what is allowed. The experiment CLI is generated from these
+dataclasses, so they are the single list of settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from typing import Literal, get_args
+
+ScheduleName = Literal["linear", "cosine"]
+VarianceType = Literal["fixed_small", "fixed_large", "learned_range"]
+LossType = Literal["mse", "hybrid"]
+SamplerName = Literal["ddpm", "ddim", "ode"]
+
+
+def check_choice(owner: object, field: str, allowed: Iterable[object]) -> None:
+    """Raise a ``ValueError`` unless ``owner.field`` is one of ``allowed``."""
+    value = getattr(owner, field)
+    allowed = tuple(allowed)
+    if value not in allowed:
+        raise ValueError(
+            f"{type(owner).__name__}.{field}={value!r} is not allowed; "
+            f"choose one of {', '.join(repr(a) for a in allowed)}."
+        )
+
+
+def check_range(
+    owner: object,
+    field: str,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_inclusive: bool = True,
+    high_inclusive: bool = True,
+) -> None:
+    """Raise a ``ValueError`` unless ``owner.field`` is a number within the given bounds."""
+    value = getattr(owner, field)
+    name = f"{type(owner).__name__}.{field}"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{name}={value!r} is not allowed; it must be a number.")
+    too_low = low is not None and (value < low if low_inclusive else value <= low)
+    too_high = high is not None and (value > high if high_inclusive else value >= high)
+    if too_low or too_high:
+        lo = "-inf" if low is None else f"{low}"
+        hi = "inf" if high is None else f"{high}"
+        brackets = ("[" if low_inclusive else "(", "]" if high_inclusive else ")")
+        raise ValueError(
+            f"{name}={value!r} is not allowed; it must lie in {brackets[0]}{lo}, {hi}{brackets[1]}."
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionConfig:
+    """The Gaussian diffusion: noise schedule, what the model predicts, the loss and the sampler.
+
+    The denoiser always predicts the noise epsilon. With ``variance="learned_range"`` it also
+    outputs, in as many extra channels, the interpolation between the posterior variance and beta
+    (improved DDPM), trained by the hybrid loss ``L_simple + vlb_weight * L_vlb``.
+    """
+
+    num_steps: int = 1000
+    """Diffusion steps T used in training."""
+    schedule: ScheduleName = "linear"
+    """Beta schedule: `linear` (Ho et al. 2020, scaled by 1000/T) or `cosine` (Nichol & Dhariwal 2021)."""
+    variance: VarianceType = "learned_range"
+    """Reverse-process variance: fixed to the posterior variance (`fixed_small`), to beta
+    (`fixed_large`), or learned as an interpolation between them (`learned_range`)."""
+    loss: LossType = "hybrid"
+    """`mse`: epsilon MSE only. `hybrid`: epsilon MSE + vlb_weight * L_vlb (needs a learned variance)."""
+    vlb_weight: float = 0.001
+    """lambda of the hybrid loss, weighting L_vlb = T * E_t[L_t]; 0.001 as in improved DDPM."""
+    sampling_steps: int = 250
+    """Steps used to sample, respaced evenly over the T training steps (improved DDPM)."""
+    sampler: SamplerName = "ddpm"
+    """`ddpm` ancestral sampling, `ddim` with `ddim_eta`, or the probability-flow `ode`."""
+    ddim_eta: float = 0.0
+    """DDIM stochasticity: 0 is deterministic, 1 matches DDPM's marginals."""
+    ode_rtol: float = 1e-4
+    """Relative tolerance of the adaptive probability-flow ODE solver."""
+    ode_atol: float = 1e-4
+    """Absolute tolerance of the adaptive probability-flow ODE solver."""
+    clip_denoised: bool = True
+    """Clip the predicted x_0 to [-1, 1] at every sampling step."""
+
+    def __post_init__(self) -> None:
+        check_range(self, "num_steps", low=2)
+        check_choice(self, "schedule", get_args(ScheduleName))
+        check_choice(self, "variance", get_args(VarianceType))
+        check_choice(self, "loss", get_args(LossType))
+        check_choice(self, "sampler", get_args(SamplerName))
+        check_range(self, "vlb_weight", low=0.0)
+        check_range(self, "sampling_steps", low=1, high=self.num_steps)
+        check_range(self, "ddim_eta", low=0.0)
+        check_range(self, "ode_rtol", low=0.0, low_inclusive=False)
+        check_range(self, "ode_atol", low=0.0, low_inclusive=False)
+        for name in ("num_steps", "sampling_steps"):
+            if not isinstance(getattr(self, name), int):
+                raise ValueError(
+                    f"DiffusionConfig.{name}={getattr(self, name)!r} is not allowed; "
+                    "it must be an integer."
+                )
+        if self.loss == "hybrid" and self.variance != "learned_range":
+            raise ValueError(
+                f"DiffusionConfig.loss='hybrid' is not allowed with variance={self.variance!r}; "
+                "the hybrid loss trains a learned variance: use variance='learned_range' or "
+                "loss='mse'."
+            )
+
+    @property
+    def learned_variance(self) -> bool:
+        """Whether the denoiser outputs variance channels besides epsilon."""
+        return self.variance == "learned_range"
