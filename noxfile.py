@@ -1,4 +1,4 @@
-"""Developer sessions: `nox -s lint typecheck tests` is what CI runs; `nox -s benchmark` on a GPU."""
+"""Developer sessions: CI runs `nox -s lint typecheck tests`; `benchmark` times hot paths."""
 
 import nox
 

@@ -65,12 +65,12 @@ class DiffusionConfig:
     num_steps: int = 1000
     """Diffusion steps T used in training."""
     schedule: ScheduleName = "linear"
-    """Beta schedule: `linear` (Ho et al. 2020, scaled by 1000/T) or `cosine` (Nichol & Dhariwal 2021)."""
+    """Beta schedule: `linear` (Ho et al., scaled by 1000/T) or `cosine` (Nichol & Dhariwal)."""
     variance: VarianceType = "learned_range"
     """Reverse-process variance: fixed to the posterior variance (`fixed_small`), to beta
     (`fixed_large`), or learned as an interpolation between them (`learned_range`)."""
     loss: LossType = "hybrid"
-    """`mse`: epsilon MSE only. `hybrid`: epsilon MSE + vlb_weight * L_vlb (needs a learned variance)."""
+    """`mse`: epsilon MSE only; `hybrid`: MSE + vlb_weight * L_vlb (needs a learned variance)."""
     vlb_weight: float = 0.001
     """lambda of the hybrid loss, weighting L_vlb = T * E_t[L_t]; 0.001 as in improved DDPM."""
     sampling_steps: int = 250
