@@ -21,7 +21,7 @@ def lint(session: nox.Session) -> None:
 def typecheck(session: nox.Session) -> None:
     """Pyright (strict) over the library."""
     session.install("-e", ".[dev]")
-    session.run("pyright", "fsdm_eqx")
+    session.run("pyright", "--pythonpath", f"{session.virtualenv.location}/bin/python", "fsdm_eqx")
 
 
 @nox.session(python=PYTHON)

@@ -32,8 +32,8 @@ def check_range(
     owner: object,
     field: str,
     *,
-    low: float | None = None,
-    high: float | None = None,
+    low: int | float | None = None,
+    high: int | float | None = None,
     low_inclusive: bool = True,
     high_inclusive: bool = True,
 ) -> None:
@@ -94,7 +94,7 @@ class DiffusionConfig:
         check_choice(self, "sampler", get_args(SamplerName))
         check_range(self, "vlb_weight", low=0.0)
         check_range(self, "sampling_steps", low=1, high=self.num_steps)
-        check_range(self, "ddim_eta", low=0.0)
+        check_range(self, "ddim_eta", low=0.0, high=1.0)
         check_range(self, "ode_rtol", low=0.0, low_inclusive=False)
         check_range(self, "ode_atol", low=0.0, low_inclusive=False)
         for name in ("num_steps", "sampling_steps"):
@@ -109,8 +109,84 @@ class DiffusionConfig:
                 "the hybrid loss trains a learned variance: use variance='learned_range' or "
                 "loss='mse'."
             )
+        if self.loss == "mse" and self.variance == "learned_range":
+            raise ValueError(
+                "DiffusionConfig.variance='learned_range' is not allowed with loss='mse'; only "
+                "the hybrid loss trains the variance: use loss='hybrid' or a fixed variance."
+            )
 
     @property
     def learned_variance(self) -> bool:
         """Whether the denoiser outputs variance channels besides epsilon."""
         return self.variance == "learned_range"
+
+
+DatasetName = Literal["cifar100", "omniglot", "mnist"]
+ClassSplitName = Literal["fc100", "random", "background_evaluation"]
+SplitPart = Literal["train", "val", "test"]
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """The dataset, its class-disjoint few-shot split and the set sampler that feeds training."""
+
+    dataset: DatasetName = "cifar100"
+    """`cifar100` (32x32 RGB), `omniglot` (background/evaluation characters) or `mnist`."""
+    data_dir: str | None = None
+    """A local copy (archive, extracted folder or .npz); None downloads into `cache_dir`."""
+    cache_dir: str | None = None
+    """Download cache; None uses $FSDM_EQX_CACHE or ~/.cache/fsdm_eqx."""
+    download: bool = True
+    """Whether missing files may be downloaded."""
+    class_split: ClassSplitName = "fc100"
+    """`fc100` (CIFAR-100 by superclass, 60/20/20), `random` (seeded, 60/20/20 of the classes),
+    or `background_evaluation` (Omniglot's official split)."""
+    split_seed: int = 0
+    """Seed of the `random` class split."""
+    split: SplitPart = "train"
+    """Which classes the sampler draws from."""
+    ns: int = 5
+    """Images per set."""
+    batch_size: int = 32
+    """Sets per batch, over all hosts."""
+    image_size: int = 32
+    """Side of the square images: 32 for CIFAR-100, 28 or 32 for Omniglot, 28 for MNIST."""
+    flips: bool = False
+    """Flip whole sets left-right and upside-down, each with probability 1/2 (training only)."""
+    prefetch: int = 2
+    """Batches prepared ahead by the sampler's background thread (0: none)."""
+    seed: int = 0
+    """Seed of the stream of batches."""
+
+    def __post_init__(self) -> None:
+        check_choice(self, "dataset", get_args(DatasetName))
+        check_choice(self, "class_split", get_args(ClassSplitName))
+        check_choice(self, "split", get_args(SplitPart))
+        for name in ("split_seed", "ns", "batch_size", "image_size", "prefetch", "seed"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
+                raise ValueError(
+                    f"DataConfig.{name}={getattr(self, name)!r} is not allowed; "
+                    "it must be an integer."
+                )
+        check_range(self, "split_seed", low=0)
+        check_range(self, "ns", low=1)
+        check_range(self, "batch_size", low=1)
+        check_range(self, "prefetch", low=0)
+        check_range(self, "seed", low=0)
+        sizes = {"cifar100": (32,), "omniglot": (28, 32), "mnist": (28,)}[self.dataset]
+        check_choice(self, "image_size", sizes)
+        if self.class_split == "fc100" and self.dataset != "cifar100":
+            raise ValueError(
+                f"DataConfig.class_split='fc100' is not allowed with dataset={self.dataset!r}; "
+                "FC100 splits CIFAR-100: use class_split='random'."
+            )
+        if self.class_split == "background_evaluation" and self.dataset != "omniglot":
+            raise ValueError(
+                "DataConfig.class_split='background_evaluation' is not allowed with "
+                f"dataset={self.dataset!r}; it is Omniglot's split: use class_split='random'."
+            )
+        if self.class_split == "background_evaluation" and self.split == "val":
+            raise ValueError(
+                "DataConfig.split='val' is not allowed with class_split='background_evaluation'; "
+                "Omniglot's official split has no validation classes: use 'train' or 'test'."
+            )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
@@ -136,7 +137,7 @@ def make_schedule(name: str, num_steps: int, *, sampling_steps: int | None = Non
 
     **Returns:** a `Schedule` PyTree.
     """
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 2:
+    if num_steps < 2:
         raise ValueError(f"num_steps={num_steps!r} is not allowed; it must be an integer >= 2.")
     betas = beta_schedule(name, num_steps)
     if sampling_steps is None or sampling_steps == num_steps:
@@ -145,3 +146,23 @@ def make_schedule(name: str, num_steps: int, *, sampling_steps: int | None = Non
     alphas_cumprod = np.cumprod(1.0 - betas)[kept]
     respaced = 1.0 - alphas_cumprod / np.append(1.0, alphas_cumprod[:-1])
     return schedule_from_betas(respaced, kept)
+
+
+def log_sigma(schedule: Schedule) -> Float[Array, " n"]:
+    """log of sigma_t = sqrt((1 - abar_t) / abar_t), the noise-to-signal ratio of each step."""
+    return 0.5 * (jnp.log1p(-schedule.alphas_cumprod) - jnp.log(schedule.alphas_cumprod))
+
+
+def continuous_timestep(schedule: Schedule, log_sig: Float[Array, ""]) -> Float[Array, ""]:
+    """The fractional training timestep whose noise level is ``exp(log_sig)``.
+
+    Piecewise linear in log sigma between the schedule's steps, clamped to its ends; the exact
+    inverse of `continuous_alpha_bar` on that range.
+    """
+    return jnp.interp(log_sig, log_sigma(schedule), schedule.timesteps.astype(log_sig.dtype))
+
+
+def continuous_alpha_bar(schedule: Schedule, t: Float[Array, ""]) -> Float[Array, ""]:
+    """alpha_bar at a fractional training timestep, interpolating log sigma linearly in t."""
+    log_sig = jnp.interp(t, schedule.timesteps.astype(t.dtype), log_sigma(schedule))
+    return jax.nn.sigmoid(-2.0 * log_sig)
