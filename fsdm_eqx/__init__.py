@@ -1,6 +1,6 @@
 """fsdm_eqx: few-shot diffusion models in JAX and Equinox."""
 
-from . import diffusion as diffusion
-from .config import DiffusionConfig as DiffusionConfig
+from . import data as data, diffusion as diffusion
+from .config import DataConfig as DataConfig, DiffusionConfig as DiffusionConfig
 
 __version__ = "0.1.0"

@@ -8,6 +8,7 @@ cannot run code.
 
 from __future__ import annotations
 
+import codecs
 import io
 import os
 import pickle
@@ -111,6 +112,7 @@ _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): codecs.encode,
 }
 
 
@@ -125,7 +127,8 @@ class _ArrayUnpickler(pickle.Unpickler):
 
 
 def safe_unpickle(data: bytes) -> Any:
-    """Unpickle `data`, allowing no globals but numpy's array reconstruction.
+    """Unpickle `data`, allowing no globals but numpy's array reconstruction (and the
+    ``codecs.encode`` that Python 3 writes for bytes in protocol 2).
 
     Byte strings of Python 2 pickles (the CIFAR files) stay ``bytes``.
     """
