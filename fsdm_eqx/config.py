@@ -190,3 +190,88 @@ class DataConfig:
                 "DataConfig.split='val' is not allowed with class_split='background_evaluation'; "
                 "Omniglot's official split has no validation classes: use 'train' or 'test'."
             )
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Few-shot evaluation on held-out classes: FID, KID, precision/recall, likelihood, the probe.
+
+    The defaults are the protocol of the FSDM paper's reference code on CIFAR-100: 2000 support
+    sets of 5 images from the unseen classes, 5 images generated per set with 250 respaced DDPM
+    steps, so 10,000 generated images against the 10,000 pooled real images of the sets.
+    """
+
+    num_sets: int = 2000
+    """Support sets drawn for the FID protocol (10,000 real images at ns = 5)."""
+    ns: int = 5
+    """Real images per support set."""
+    samples_per_set: int = 5
+    """Images generated from each support set (10,000 in all at the defaults)."""
+    sampler: SamplerName = "ddpm"
+    """Sampler used to generate: `ddpm` ancestral (the reference), `ddim` or `ode`."""
+    sampling_steps: int = 250
+    """Respaced sampling steps (250 in the reference)."""
+    seed: int = 0
+    """Seed of the support sets, the generation keys and the KID subsets."""
+    generate_batch_size: int = 32
+    """Support sets per generation call (one compiled shape; the last batch is padded)."""
+    feature_batch_size: int = 250
+    """Images per call of the feature extractor."""
+    kid_subset_size: int = 1000
+    """Rows per KID subset (torch-fidelity's default)."""
+    kid_num_subsets: int = 100
+    """Number of KID subsets."""
+    pr_neighbours: int = 3
+    """k of the k-nearest-neighbour manifolds of precision/recall (Kynkaanniemi et al.)."""
+    inception_weights: str | None = None
+    """A local FID Inception weights file; None downloads (checksum-verified) and caches it."""
+    eval_split: SplitPart = "test"
+    """Classes of the "out-distro" figures; the "in-distro" ones use `train`."""
+    likelihood_sets: int = 2000
+    """Sets whose images are scored in bits/dim, each under its leave-one-out context."""
+    likelihood_steps: int | None = None
+    """Timesteps of the variational bound: None for all T, else a respaced subset."""
+    likelihood_batch_size: int = 16
+    """Sets per likelihood call."""
+    probe_episodes: int = 10
+    """Episodes of the classification probe (one support set per class per episode)."""
+    probe_queries_per_class: int = 15
+    """Query images per class per episode, disjoint from that episode's support set."""
+
+    def __post_init__(self) -> None:
+        names = (
+            "num_sets",
+            "ns",
+            "samples_per_set",
+            "sampling_steps",
+            "seed",
+            "generate_batch_size",
+            "feature_batch_size",
+            "kid_subset_size",
+            "kid_num_subsets",
+            "pr_neighbours",
+            "likelihood_sets",
+            "likelihood_batch_size",
+            "probe_episodes",
+            "probe_queries_per_class",
+        )
+        for name in names:
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
+                raise ValueError(
+                    f"EvalConfig.{name}={getattr(self, name)!r} is not allowed; "
+                    "it must be an integer."
+                )
+            check_range(self, name, low=0 if name == "seed" else 1)
+        check_range(self, "ns", low=2)
+        check_range(self, "kid_subset_size", low=2)
+        check_choice(self, "sampler", get_args(SamplerName))
+        check_choice(self, "eval_split", get_args(SplitPart))
+        if self.likelihood_steps is not None:
+            if isinstance(self.likelihood_steps, bool) or not isinstance(
+                self.likelihood_steps, int
+            ):
+                raise ValueError(
+                    f"EvalConfig.likelihood_steps={self.likelihood_steps!r} is not allowed; "
+                    "it must be an integer or None (all timesteps)."
+                )
+            check_range(self, "likelihood_steps", low=1)

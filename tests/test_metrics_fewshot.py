@@ -1,0 +1,150 @@
+"""The few-shot FID protocol with a cheap stand-in for Inception and generators of known quality."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fsdm_eqx.config import EvalConfig
+from fsdm_eqx.metrics.fewshot import (
+    draw_support_sets,
+    fewshot_fid,
+    generate_for_sets,
+    to_uint8,
+)
+
+HALF_LEVEL = (
+    0.5 / 127.5
+)  # added before truncation, it makes to_uint8 the exact inverse of u8/127.5-1
+
+
+def _pixels(images: np.ndarray) -> np.ndarray:
+    return images.reshape(images.shape[0], -1).astype(np.float64) / 255.0
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    rng = np.random.default_rng(0)
+    colours = np.array([[40, 40, 40], [200, 60, 60], [60, 200, 60], [60, 60, 200]], dtype=float)
+    labels = np.repeat(np.arange(4), 60) + 20
+    pixels = colours[labels - 20][:, :, None, None] + 25 * rng.normal(size=(240, 3, 4, 4))
+    return np.clip(np.round(pixels), 0, 255).astype(np.uint8), labels
+
+
+CONFIG = EvalConfig(
+    num_sets=40,
+    ns=5,
+    samples_per_set=5,
+    generate_batch_size=16,
+    kid_subset_size=100,
+    kid_num_subsets=10,
+    sampler="ddim",
+    sampling_steps=50,
+    seed=3,
+)
+
+
+def copy_support(support, key):
+    return support + HALF_LEVEL
+
+
+def test_to_uint8_truncates_like_the_reference():
+    x = np.array([-1.0, 1.0, 0.0, -1 + 1.99 / 127.5, 2.0, -3.0], dtype=np.float32)
+    np.testing.assert_array_equal(to_uint8(x), [0, 255, 127, 1, 255, 0])
+
+
+def test_support_sets_are_balanced_pure_and_disjoint(dataset):
+    _, labels = dataset
+    sets = draw_support_sets(labels, [20, 21, 22, 23], num_sets=42, ns=5, seed=1)
+    assert sets.indices.shape == (42, 5)
+    counts = np.bincount(sets.classes - 20, minlength=4)
+    assert counts.max() - counts.min() <= 1 and counts.sum() == 42
+    np.testing.assert_array_equal(labels[sets.indices], np.repeat(sets.classes[:, None], 5, 1))
+    for c in range(20, 24):  # at most 11 sets * 5 = 55 <= 60 images: no image is reused
+        used = sets.indices[sets.classes == c].ravel()
+        assert np.unique(used).size == used.size
+    again = draw_support_sets(labels, [20, 21, 22, 23], num_sets=42, ns=5, seed=1)
+    np.testing.assert_array_equal(again.indices, sets.indices)
+
+
+def test_support_sets_reuse_a_class_only_when_it_runs_out(dataset):
+    _, labels = dataset
+    sets = draw_support_sets(labels, [20], num_sets=30, ns=5, seed=0)  # 150 draws from 60
+    for row in sets.indices:
+        assert np.unique(row).size == 5
+    first_pass = sets.indices[:12].ravel()
+    assert np.unique(first_pass).size == 60
+    with pytest.raises(ValueError, match="fewer than ns=80"):
+        draw_support_sets(labels, [20], num_sets=1, ns=80, seed=0)
+
+
+def test_generation_keys_do_not_depend_on_the_batch_size():
+    supports = np.zeros((7, 5, 1, 2, 2), dtype=np.float32)
+
+    def noisy(support, key):
+        return support[:3] + jax.random.normal(key, (3, 1, 2, 2))
+
+    a = generate_for_sets(noisy, supports, samples_per_set=3, seed=0, batch_size=3)
+    b = generate_for_sets(noisy, supports, samples_per_set=3, seed=0, batch_size=7)
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+    assert np.unique(a[:, 0, 0, 0, 0]).size == 7  # one key per set
+    with pytest.raises(ValueError, match="samples_per_set"):
+        generate_for_sets(noisy, supports, samples_per_set=5, seed=0, batch_size=4)
+
+
+def test_a_generator_that_copies_its_support_scores_perfectly(dataset):
+    images, labels = dataset
+    result = fewshot_fid(copy_support, images, labels, config=CONFIG, features_fn=_pixels)
+    assert abs(result.fid) < 1e-8
+    assert abs(result.kid_mean) < 2 * result.kid_std  # consistent with zero
+    assert (result.precision, result.recall) == (1.0, 1.0)
+    assert set(result.fid_per_class) == {20, 21, 22, 23}
+    assert max(abs(v) for v in result.fid_per_class.values()) < 1e-8
+    assert result.num_generated == result.num_real == 200
+    record = json.loads(result.to_json())
+    assert record["sampler"] == "ddim" and record["sampling_steps"] == 50 and record["seed"] == 3
+    assert record["distro"] == "out-distro" and record["features"] == "_pixels"
+    assert record["num_sets"] == 40 and record["ns"] == 5 and record["samples_per_set"] == 5
+
+
+def test_figures_degrade_with_the_generator(dataset):
+    images, labels = dataset
+    results = []
+    for sigma in (0.05, 0.6):
+
+        def noisy(support, key, sigma=sigma):
+            return support + HALF_LEVEL + sigma * jax.random.normal(key, support.shape)
+
+        results.append(fewshot_fid(noisy, images, labels, config=CONFIG, features_fn=_pixels))
+    good, bad = results
+    assert 0 < good.fid < bad.fid
+    assert good.kid_mean < bad.kid_mean
+    assert good.precision > bad.precision
+    assert all(good.fid_per_class[c] < bad.fid_per_class[c] for c in good.classes)
+
+
+def test_class_blind_generator_is_caught_per_class(dataset):
+    images, labels = dataset
+    grey = to_uint8(np.zeros(1)) * 0 + 40  # the colour of class 20
+
+    def always_class_20(support, key):
+        noise = 25 / 127.5 * jax.random.normal(key, support.shape)
+        return jnp.full(support.shape, float(grey[0]) / 127.5 - 1.0) + noise
+
+    result = fewshot_fid(
+        always_class_20, images, labels, config=CONFIG, features_fn=_pixels, distro="in-distro"
+    )
+    others = [result.fid_per_class[c] for c in (21, 22, 23)]
+    assert result.fid_per_class[20] < 0.1 * min(others)
+    assert result.distro == "in-distro"
+
+
+def test_bad_input_is_explained(dataset):
+    images, labels = dataset
+    big_sets = EvalConfig(num_sets=4, ns=61)
+    with pytest.raises(ValueError, match="fewer than ns=61; lower ns"):
+        fewshot_fid(copy_support, images, labels, config=big_sets, features_fn=_pixels)
+    with pytest.raises(ValueError, match="no classes"):
+        fewshot_fid(copy_support, images, labels, config=CONFIG, features_fn=_pixels, classes=[])
