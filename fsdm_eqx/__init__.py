@@ -1,6 +1,10 @@
 """fsdm_eqx: few-shot diffusion models in JAX and Equinox."""
 
 from . import data as data, diffusion as diffusion
-from .config import DataConfig as DataConfig, DiffusionConfig as DiffusionConfig
+from .config import (
+    DataConfig as DataConfig,
+    DiffusionConfig as DiffusionConfig,
+    EvalConfig as EvalConfig,
+)
 
 __version__ = "0.1.0"
