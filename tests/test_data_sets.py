@@ -16,6 +16,7 @@ from fsdm_eqx.data import (
     load_dataset,
     make_sampler,
 )
+from fsdm_eqx.data.sets import THREAD_PREFIX
 from tests.conftest import shared_path
 
 CLASS_SIZES = (7, 12, 9, 5, 30, 6)  # unequal on purpose
@@ -56,11 +57,14 @@ def test_batch_shape_range_and_membership(data: LabelledImages) -> None:
         np.testing.assert_allclose(sets[j], _reference_float(data.images[index[j]]), atol=1e-6)
 
 
-def test_extremes_map_exactly() -> None:
-    images = np.array([0, 255, 128] * 5, dtype=np.uint8).reshape(15, 1, 1, 1)
-    sampler = SetSampler(images, np.zeros(15, np.int64), [0], ns=15, batch_size=1, prefetch=0)
-    values = set(sampler.batch(0)[0].ravel().tolist())
-    assert values == {-1.0, 1.0, np.float32(128 / 127.5 - 1)}
+def test_every_pixel_value_maps_linearly_onto_minus_one_one() -> None:
+    images = np.arange(256, dtype=np.uint8).reshape(256, 1, 1, 1)
+    sampler = SetSampler(images, np.zeros(256, np.int64), [0], ns=256, batch_size=1, prefetch=0)
+    sets, _ = sampler.batch(0)
+    index, _ = sampler.indices(0)
+    got = sets.reshape(-1).astype(np.float64)
+    np.testing.assert_allclose(got, index[0] / 127.5 - 1.0, rtol=0, atol=1.2e-7)
+    assert got.min() == -1.0 and got.max() == 1.0
 
 
 def test_deterministic_given_seed_and_step(data: LabelledImages) -> None:
@@ -106,10 +110,12 @@ def test_class_and_image_frequencies_are_uniform(data: LabelledImages) -> None:
     classes = data.labels[index[:, 0]]
     counts = np.array([np.sum(classes == c) for c in (0, 1, 2, 4)])
     assert scipy.stats.chisquare(counts).pvalue > 1e-3
-    # Within a class every image is equally likely (class 4 has 30 images).
-    members = index[classes == 4].ravel()
-    per_image = np.bincount(members, minlength=len(data))[data.labels == 4]
-    assert scipy.stats.chisquare(per_image).pvalue > 1e-3
+    # Within a class every image is equally likely, both for a large class (30 images: drawn by
+    # rejection) and a small one (12 images: drawn from a random ordering).
+    for c in (4, 1):
+        members = index[classes == c].ravel()
+        per_image = np.bincount(members, minlength=len(data))[data.labels == c]
+        assert scipy.stats.chisquare(per_image).pvalue > 1e-3
 
 
 def test_flips_act_on_whole_sets(data: LabelledImages) -> None:
@@ -135,22 +141,26 @@ def test_flips_act_on_whole_sets(data: LabelledImages) -> None:
     assert 0.25 < flags.mean() < 0.75
 
 
-def test_prefetch_thread_stops_on_close_and_break(data: LabelledImages) -> None:
-    sampler = _sampler(data, prefetch=2)
+def _prefetch_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith(THREAD_PREFIX)]
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_prefetch_threads_keep_order_and_stop(data: LabelledImages, workers: int) -> None:
+    sampler = _sampler(data, prefetch=4, workers=workers)
     stream = sampler.stream()
-    assert stream.alive
+    assert _prefetch_threads()
     for step, (sets, _) in enumerate(stream):
         np.testing.assert_array_equal(sets, sampler.batch(step)[0])
-        if step == 4:
+        if step == 9:
             break
     stream.close()
-    assert not stream.alive
+    assert not _prefetch_threads()
     with pytest.raises(StopIteration):
         next(stream)
     with sampler.stream() as other:
         next(other)
-    assert not other.alive
-    assert not [t for t in threading.enumerate() if t.name == "fsdm_eqx-set-prefetch"]
+    assert not _prefetch_threads()
 
 
 def test_prefetch_thread_reports_errors(data: LabelledImages, monkeypatch) -> None:
@@ -168,7 +178,7 @@ def test_prefetch_thread_reports_errors(data: LabelledImages, monkeypatch) -> No
     with pytest.raises(RuntimeError, match="disk vanished"):
         for _ in stream:
             got += 1
-    assert got == 3 and not stream.alive
+    assert got == 3 and not _prefetch_threads()
 
 
 def test_bad_arguments(data: LabelledImages) -> None:
@@ -178,6 +188,8 @@ def test_bad_arguments(data: LabelledImages) -> None:
         _sampler(data, classes=[])
     with pytest.raises(ValueError, match="host_index"):
         _sampler(data, host_index=2, host_count=2)
+    with pytest.raises(ValueError, match="workers=0"):
+        _sampler(data, workers=0)
     with pytest.raises(ValueError, match="batch_size=0"):
         _sampler(data, batch_size=0)
     with pytest.raises(ValueError, match="step"):
