@@ -145,8 +145,8 @@ class DataConfig:
     """Seed of the `random` class split."""
     split: SplitPart = "train"
     """Which classes the sampler draws from."""
-    ns: int = 5
-    """Images per set."""
+    ns: int = 6
+    """Images per set: the reference trains on sets of 6, each image generated from the other 5."""
     batch_size: int = 32
     """Sets per batch, over all hosts."""
     image_size: int = 32
@@ -154,7 +154,9 @@ class DataConfig:
     flips: bool = False
     """Flip whole sets left-right and upside-down, each with probability 1/2 (training only)."""
     prefetch: int = 2
-    """Batches prepared ahead by the sampler's background thread (0: none)."""
+    """Batches prepared ahead by the sampler's background threads (0: none)."""
+    workers: int = 1
+    """Background threads preparing batches; raise it on a many-core host."""
     seed: int = 0
     """Seed of the stream of batches."""
 
@@ -162,7 +164,8 @@ class DataConfig:
         check_choice(self, "dataset", get_args(DatasetName))
         check_choice(self, "class_split", get_args(ClassSplitName))
         check_choice(self, "split", get_args(SplitPart))
-        for name in ("split_seed", "ns", "batch_size", "image_size", "prefetch", "seed"):
+        names = ("split_seed", "ns", "batch_size", "image_size", "prefetch", "workers", "seed")
+        for name in names:
             if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
                 raise ValueError(
                     f"DataConfig.{name}={getattr(self, name)!r} is not allowed; "
@@ -172,6 +175,7 @@ class DataConfig:
         check_range(self, "ns", low=1)
         check_range(self, "batch_size", low=1)
         check_range(self, "prefetch", low=0)
+        check_range(self, "workers", low=1)
         check_range(self, "seed", low=0)
         sizes = {"cifar100": (32,), "omniglot": (28, 32), "mnist": (28,)}[self.dataset]
         check_choice(self, "image_size", sizes)

@@ -15,7 +15,7 @@ DATA_DIR = Path(fsdm_eqx.__file__).parent / "data"
 def test_defaults_are_the_paper_cifar_setting() -> None:
     config = DataConfig()
     assert (config.dataset, config.class_split, config.ns, config.image_size) == (
-        "cifar100", "fc100", 5, 32,
+        "cifar100", "fc100", 6, 32,
     )  # fmt: skip
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.ns = 3  # type: ignore[misc]
@@ -27,6 +27,7 @@ def test_defaults_are_the_paper_cifar_setting() -> None:
     [
         ({"ns": 0}, r"DataConfig.ns=0 is not allowed; it must lie in \[1"),
         ({"prefetch": -1}, "DataConfig.prefetch=-1"),
+        ({"workers": 0}, "DataConfig.workers=0"),
         ({"image_size": 28}, "DataConfig.image_size=28 is not allowed; choose one of 32"),
         ({"dataset": "mnist", "image_size": 28}, "FC100 splits CIFAR-100"),
         (

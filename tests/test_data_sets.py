@@ -220,10 +220,13 @@ def test_evaluation_sets(data: LabelledImages) -> None:
 
 def test_real_cifar_fc100_sampler() -> None:
     path = shared_path("data", "cifar100", "cifar100_subset.npz")
-    config = DataConfig(data_dir=path, split="test", batch_size=8, flips=True, prefetch=1)
+    config = DataConfig(
+        data_dir=path, split="test", ns=5, batch_size=8, flips=True, prefetch=2, workers=2
+    )
     data, split = load_dataset(config)
     sampler = make_sampler(config, data, split)
     assert not sampler.flips, "flips apply only to the training split"
+    assert (sampler.ns, sampler.batch_size, sampler.workers) == (5, 8, 2)
     with sampler.stream(0, 2) as stream:
         for sets, labels in stream:
             assert sets.shape == (8, 5, 3, 32, 32)

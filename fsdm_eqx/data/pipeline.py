@@ -77,4 +77,5 @@ def make_sampler(
         host_index=host_index,
         host_count=host_count,
         prefetch=config.prefetch,
+        workers=config.workers,
     )
