@@ -1,0 +1,515 @@
+"""The guided-diffusion UNet denoiser of the FSDM paper, conditioned by FiLM or by cross-attention.
+
+This is the network of the reference implementation of "Few-Shot Diffusion Models" (Giannone,
+Nielsen & Winther 2022), itself the UNet of improved DDPM / guided diffusion (Nichol & Dhariwal)
+with a set context added:
+
+- ``conditioning="film"``: the context is one vector ``c``. Every residual block computes its
+  GroupNorm scale and shift from ``SiLU([time embedding, c])`` by one linear layer, and applies
+  ``norm(h) * (1 + scale) + shift``. The attention blocks are spatial self-attention.
+- ``conditioning="lag"`` (learned attentive aggregation): the context is a set of tokens. The
+  residual blocks see the time embedding only, and every attention block becomes a transformer
+  block over the image tokens: self-attention, cross-attention from the image tokens to the context
+  tokens, then a GEGLU feed-forward (as the reference's ``SpatialTransformer``).
+
+Every residual branch, every attention output projection and the output convolution are
+initialised to zero, so at initialisation each block is the identity on its skip path and the
+network outputs exactly zero.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, TypeVar
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from ..config import check_choice, check_range
+from .denoiser import AbstractDenoiser
+
+Conditioning = Literal["film", "lag"]
+
+_GROUPS = 32
+_Layer = TypeVar("_Layer", eqx.nn.Linear, eqx.nn.Conv2d)
+
+
+def _zero(layer: _Layer) -> _Layer:
+    """The same layer with its weight and bias set to zero (guided diffusion's ``zero_module``)."""
+    bias = layer.bias
+    assert bias is not None
+    return eqx.tree_at(
+        lambda m: (m.weight, m.bias), layer, (jnp.zeros_like(layer.weight), jnp.zeros_like(bias))
+    )
+
+
+def _check_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r} is not allowed; it must be an int >= 1.")
+
+
+def timestep_embedding(
+    t: Float[Array, ""], dim: int, max_period: float = 10000.0
+) -> Float[Array, " dim"]:
+    """Sinusoidal embedding of a (possibly fractional) timestep, as in guided diffusion.
+
+    **Arguments:**
+    - `t`: the timestep.
+    - `dim`: the embedding width; the first half holds cosines, the second half sines, and an odd
+      width is padded with one zero.
+    - `max_period`: the longest period; frequencies run geometrically from 1 to 1/max_period.
+
+    **Returns:** the embedding, `cos(t * f_k)` then `sin(t * f_k)` with
+    `f_k = max_period ** (-k / (dim // 2))`.
+    """
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = t.astype(jnp.float32) * freqs
+    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)])
+    if dim % 2:
+        emb = jnp.concatenate([emb, jnp.zeros((1,), jnp.float32)])
+    return emb
+
+
+def _tokens(x: Float[Array, "c h w"]) -> Float[Array, "hw c"]:
+    return x.reshape(x.shape[0], -1).T
+
+
+def _attention(
+    q: Float[Array, "t nh dh"], k: Float[Array, "s nh dh"], v: Float[Array, "s nh dh"]
+) -> Float[Array, "t nh dh"]:
+    """Scaled dot-product attention per head, softmax in float32."""
+    logits = jnp.einsum("thd,shd->hts", q, k) / math.sqrt(q.shape[-1])
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+    return jnp.einsum("hts,shd->thd", weights, v)
+
+
+class _ResBlock(eqx.Module):
+    """GroupNorm -> SiLU -> conv3x3, FiLM from the conditioning vector, dropout, zero conv3x3."""
+
+    in_norm: eqx.nn.GroupNorm
+    in_conv: eqx.nn.Conv2d
+    film: eqx.nn.Linear
+    out_norm: eqx.nn.GroupNorm
+    dropout: eqx.nn.Dropout
+    out_conv: eqx.nn.Conv2d
+    skip: eqx.nn.Conv2d | None
+
+    def __init__(
+        self, in_ch: int, out_ch: int, cond_dim: int, dropout: float, *, key: PRNGKeyArray
+    ):
+        k1, k2, k3, k4 = jax.random.split(key, 4)
+        self.in_norm = eqx.nn.GroupNorm(_GROUPS, in_ch)
+        self.in_conv = eqx.nn.Conv2d(in_ch, out_ch, 3, padding=1, key=k1)
+        self.film = eqx.nn.Linear(cond_dim, 2 * out_ch, key=k2)
+        self.out_norm = eqx.nn.GroupNorm(_GROUPS, out_ch)
+        self.dropout = eqx.nn.Dropout(dropout)
+        self.out_conv = _zero(eqx.nn.Conv2d(out_ch, out_ch, 3, padding=1, key=k3))
+        self.skip = None if in_ch == out_ch else eqx.nn.Conv2d(in_ch, out_ch, 1, key=k4)
+
+    def __call__(
+        self,
+        x: Float[Array, "c h w"],
+        cond: Float[Array, " e"],
+        *,
+        key: PRNGKeyArray | None,
+        inference: bool,
+    ) -> Float[Array, "c_out h w"]:
+        h = self.in_conv(jax.nn.silu(self.in_norm(x)))
+        scale, shift = jnp.split(self.film(jax.nn.silu(cond)), 2)
+        h = self.out_norm(h) * (1 + scale[:, None, None]) + shift[:, None, None]
+        h = self.dropout(jax.nn.silu(h), key=key, inference=inference)
+        h = self.out_conv(h)
+        skip = x if self.skip is None else self.skip(x)
+        return skip + h
+
+
+class _SelfAttention(eqx.Module):
+    """Spatial multi-head self-attention with a zero-initialised output projection.
+
+    The fused q/k/v projection is laid out head-major (each head's q, k, v adjacent), as guided
+    diffusion's legacy attention order, so that weights convert one to one.
+    """
+
+    norm: eqx.nn.GroupNorm
+    qkv: eqx.nn.Linear
+    proj: eqx.nn.Linear
+    num_heads: int = eqx.field(static=True)
+
+    def __init__(self, ch: int, num_heads: int, *, key: PRNGKeyArray):
+        k1, k2 = jax.random.split(key)
+        self.norm = eqx.nn.GroupNorm(_GROUPS, ch)
+        self.qkv = eqx.nn.Linear(ch, 3 * ch, key=k1)
+        self.proj = _zero(eqx.nn.Linear(ch, ch, key=k2))
+        self.num_heads = num_heads
+
+    def __call__(self, x: Float[Array, "c h w"]) -> Float[Array, "c h w"]:
+        tokens = _tokens(self.norm(x))
+        qkv = jax.vmap(self.qkv)(tokens).reshape(tokens.shape[0], self.num_heads, -1)
+        q, k, v = jnp.split(qkv, 3, axis=-1)
+        out = _attention(q, k, v).reshape(tokens.shape)
+        out = jax.vmap(self.proj)(out)
+        return x + out.T.reshape(x.shape)
+
+
+class _MultiHeadAttention(eqx.Module):
+    """Multi-head attention from query tokens to key/value tokens (bias-free q, k, v)."""
+
+    to_q: eqx.nn.Linear
+    to_k: eqx.nn.Linear
+    to_v: eqx.nn.Linear
+    to_out: eqx.nn.Linear
+    num_heads: int = eqx.field(static=True)
+
+    def __init__(self, dim: int, kv_dim: int, num_heads: int, *, key: PRNGKeyArray):
+        kq, kk, kv, ko = jax.random.split(key, 4)
+        self.to_q = eqx.nn.Linear(dim, dim, use_bias=False, key=kq)
+        self.to_k = eqx.nn.Linear(kv_dim, dim, use_bias=False, key=kk)
+        self.to_v = eqx.nn.Linear(kv_dim, dim, use_bias=False, key=kv)
+        self.to_out = eqx.nn.Linear(dim, dim, key=ko)
+        self.num_heads = num_heads
+
+    def __call__(self, x: Float[Array, "t d"], kv: Float[Array, "s e"]) -> Float[Array, "t d"]:
+        def heads(layer: eqx.nn.Linear, z: Float[Array, "n f"]) -> Float[Array, "n nh dh"]:
+            return jax.vmap(layer)(z).reshape(z.shape[0], self.num_heads, -1)
+
+        out = _attention(heads(self.to_q, x), heads(self.to_k, kv), heads(self.to_v, kv))
+        return jax.vmap(self.to_out)(out.reshape(x.shape))
+
+
+class _SpatialTransformer(eqx.Module):
+    """LAG attention block: image tokens attend to themselves, then to the context tokens.
+
+    GroupNorm -> 1x1 projection -> [LayerNorm, self-attention], [LayerNorm, cross-attention to the
+    context], [LayerNorm, GEGLU feed-forward] (each residual) -> zero-initialised 1x1 projection.
+    """
+
+    norm: eqx.nn.GroupNorm
+    proj_in: eqx.nn.Linear
+    norm1: eqx.nn.LayerNorm
+    self_attn: _MultiHeadAttention
+    norm2: eqx.nn.LayerNorm
+    cross_attn: _MultiHeadAttention
+    norm3: eqx.nn.LayerNorm
+    ff_in: eqx.nn.Linear
+    ff_out: eqx.nn.Linear
+    proj_out: eqx.nn.Linear
+
+    def __init__(self, ch: int, context_dim: int, num_heads: int, *, key: PRNGKeyArray):
+        k1, k2, k3, k4, k5, k6 = jax.random.split(key, 6)
+        self.norm = eqx.nn.GroupNorm(_GROUPS, ch, eps=1e-6)
+        self.proj_in = eqx.nn.Linear(ch, ch, key=k1)
+        self.norm1 = eqx.nn.LayerNorm(ch)
+        self.self_attn = _MultiHeadAttention(ch, ch, num_heads, key=k2)
+        self.norm2 = eqx.nn.LayerNorm(ch)
+        self.cross_attn = _MultiHeadAttention(ch, context_dim, num_heads, key=k3)
+        self.norm3 = eqx.nn.LayerNorm(ch)
+        self.ff_in = eqx.nn.Linear(ch, 8 * ch, key=k4)
+        self.ff_out = eqx.nn.Linear(4 * ch, ch, key=k5)
+        self.proj_out = _zero(eqx.nn.Linear(ch, ch, key=k6))
+
+    def __call__(
+        self, x: Float[Array, "c h w"], context: Float[Array, "n d"]
+    ) -> Float[Array, "c h w"]:
+        h = jax.vmap(self.proj_in)(_tokens(self.norm(x)))
+        z = jax.vmap(self.norm1)(h)
+        h = h + self.self_attn(z, z)
+        h = h + self.cross_attn(jax.vmap(self.norm2)(h), context)
+        value, gate = jnp.split(jax.vmap(self.ff_in)(jax.vmap(self.norm3)(h)), 2, axis=-1)
+        h = h + jax.vmap(self.ff_out)(value * jax.nn.gelu(gate, approximate=False))
+        out = jax.vmap(self.proj_out)(h)
+        return x + out.T.reshape(x.shape)
+
+
+_Attention = _SelfAttention | _SpatialTransformer
+
+
+def _attend(
+    attn: _Attention | None, h: Float[Array, "c h w"], context: Float[Array, "*n d"]
+) -> Float[Array, "c h w"]:
+    if attn is None:
+        return h
+    if isinstance(attn, _SelfAttention):
+        return attn(h)
+    return attn(h, context)
+
+
+class _Downsample(eqx.Module):
+    """Halve the resolution with a stride-2 conv3x3."""
+
+    conv: eqx.nn.Conv2d
+
+    def __init__(self, ch: int, *, key: PRNGKeyArray):
+        self.conv = eqx.nn.Conv2d(ch, ch, 3, stride=2, padding=1, key=key)
+
+    def __call__(self, x: Float[Array, "c h w"]) -> Float[Array, "c h2 w2"]:
+        return self.conv(x)
+
+
+class _Upsample(eqx.Module):
+    """Double the resolution: nearest-neighbour upsampling, then conv3x3."""
+
+    conv: eqx.nn.Conv2d
+
+    def __init__(self, ch: int, *, key: PRNGKeyArray):
+        self.conv = eqx.nn.Conv2d(ch, ch, 3, padding=1, key=key)
+
+    def __call__(self, x: Float[Array, "c h w"]) -> Float[Array, "c h2 w2"]:
+        return self.conv(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))
+
+
+class _Stage(eqx.Module):
+    """One residual block, an optional attention block and an optional upsampling."""
+
+    res: _ResBlock
+    attn: _Attention | None
+    upsample: _Upsample | None
+
+    def __call__(
+        self,
+        x: Float[Array, "c h w"],
+        cond: Float[Array, " e"],
+        context: Float[Array, "*n d"],
+        *,
+        key: PRNGKeyArray | None,
+        inference: bool,
+    ) -> Float[Array, "c2 h2 w2"]:
+        h = _attend(self.attn, self.res(x, cond, key=key, inference=inference), context)
+        return h if self.upsample is None else self.upsample(h)
+
+
+class UNet(AbstractDenoiser):
+    """The guided-diffusion UNet with a set context, as in the reference code of FSDM.
+
+    The paper's CIFAR-100 configuration (``vfsddpm_cifar100_vit_film_mean_sigma``) is
+    ``UNet(in_channels=3, model_channels=64, out_channels=6, num_res_blocks=2,
+    attention_resolutions=(16, 8), channel_mult=(1, 2, 3, 4), num_heads=4, dropout=0.2,
+    context_dim=256, conditioning="film", image_size=32, key=key)``: 23,949,702 parameters, the
+    reference count exactly.
+
+    Images whose side is not a multiple of ``2 ** (len(channel_mult) - 1)`` (28x28 Omniglot or
+    MNIST with four levels) are zero-padded symmetrically to the next multiple and the output is
+    cropped back; the reference pads the same way but resizes its output by nearest
+    interpolation, which drops rows and columns unevenly instead of cropping the padding.
+    """
+
+    time_in: eqx.nn.Linear
+    time_out: eqx.nn.Linear
+    conv_in: eqx.nn.Conv2d
+    down: tuple[_Stage | _Downsample, ...]
+    mid_res1: _ResBlock
+    mid_attn: _Attention
+    mid_res2: _ResBlock
+    up: tuple[_Stage, ...]
+    out_norm: eqx.nn.GroupNorm
+    out_conv: eqx.nn.Conv2d
+    in_channels: int = eqx.field(static=True)
+    out_channels: int = eqx.field(static=True)
+    model_channels: int = eqx.field(static=True)
+    context_dim: int = eqx.field(static=True)
+    image_size: int = eqx.field(static=True)
+    conditioning: Conditioning = eqx.field(static=True)
+    dropout: float = eqx.field(static=True)
+    pad: int = eqx.field(static=True)
+
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        model_channels: int,
+        out_channels: int,
+        num_res_blocks: int,
+        attention_resolutions: tuple[int, ...],
+        channel_mult: tuple[int, ...],
+        num_heads: int,
+        dropout: float,
+        context_dim: int,
+        conditioning: Conditioning,
+        image_size: int,
+        key: PRNGKeyArray,
+    ):
+        """**Arguments:**
+        - `in_channels`: image channels.
+        - `model_channels`: channels of the first level; level `i` has
+          `model_channels * channel_mult[i]`, each a multiple of 32 (GroupNorm with 32 groups).
+        - `out_channels`: predicted channels (`2 * in_channels` when the variance is learned).
+        - `num_res_blocks`: residual blocks per level on the way down (one more on the way up).
+        - `attention_resolutions`: feature-map sides (e.g. `(16, 8)` for a 32x32 image) whose
+          residual blocks are followed by attention; the middle block always has attention.
+        - `channel_mult`: channel multiplier per level; the resolution halves between levels.
+        - `num_heads`: attention heads; it must divide the channels of every attention block.
+        - `dropout`: dropout rate inside the residual blocks.
+        - `context_dim`: width of the context vector (FiLM) or of each context token (LAG).
+        - `conditioning`: `"film"` (context vector into every residual block's scale/shift) or
+          `"lag"` (context tokens through cross-attention in every attention block).
+        - `image_size`: side of the (square) input image.
+        - `key`: initialisation randomness.
+        """
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.model_channels = model_channels
+        self.context_dim = context_dim
+        self.image_size = image_size
+        self.conditioning = conditioning
+        self.dropout = dropout
+        check_choice(self, "conditioning", ("film", "lag"))
+        check_range(self, "dropout", low=0.0, high=1.0, high_inclusive=False)
+        for name in ("in_channels", "out_channels", "model_channels", "context_dim", "image_size"):
+            _check_int(f"UNet.{name}", getattr(self, name))
+        _check_int("UNet.num_res_blocks", num_res_blocks)
+        _check_int("UNet.num_heads", num_heads)
+        if not channel_mult:
+            raise ValueError("UNet.channel_mult=() is not allowed; give one multiplier per level.")
+        for m in channel_mult:
+            _check_int("UNet.channel_mult entry", m)
+        bad = [model_channels * m for m in channel_mult if (model_channels * m) % _GROUPS]
+        if bad:
+            raise ValueError(
+                f"UNet channels {bad} (model_channels * channel_mult) are not multiples of "
+                f"{_GROUPS}, the GroupNorm group count; choose model_channels a multiple of "
+                f"{_GROUPS}."
+            )
+        levels = len(channel_mult)
+        factor = 2 ** (levels - 1)
+        padded = -(-image_size // factor) * factor
+        self.pad = padded - image_size
+        sides = [padded // 2**i for i in range(levels)]
+        unknown = [r for r in attention_resolutions if r not in sides]
+        if unknown:
+            raise ValueError(
+                f"UNet.attention_resolutions={attention_resolutions!r}: {unknown} are not "
+                f"feature-map sides of this UNet; choose among {sides}."
+            )
+        attn_chans = [
+            model_channels * channel_mult[i]
+            for i in range(levels)
+            if sides[i] in attention_resolutions
+        ] + [model_channels * channel_mult[-1]]
+        if any(c % num_heads for c in attn_chans):
+            raise ValueError(
+                f"UNet.num_heads={num_heads!r} must divide the channels "
+                f"{sorted(set(attn_chans))} of every attention block."
+            )
+
+        time_dim = 4 * model_channels
+        cond_dim = time_dim + (context_dim if conditioning == "film" else 0)
+        keys = iter(jax.random.split(key, 7 + levels * (4 * num_res_blocks + 4)))
+
+        def res(cin: int, cout: int) -> _ResBlock:
+            return _ResBlock(cin, cout, cond_dim, dropout, key=next(keys))
+
+        def attn(ch: int) -> _Attention:
+            if conditioning == "film":
+                return _SelfAttention(ch, num_heads, key=next(keys))
+            return _SpatialTransformer(ch, context_dim, num_heads, key=next(keys))
+
+        self.time_in = eqx.nn.Linear(model_channels, time_dim, key=next(keys))
+        self.time_out = eqx.nn.Linear(time_dim, time_dim, key=next(keys))
+        ch = model_channels * channel_mult[0]
+        self.conv_in = eqx.nn.Conv2d(in_channels, ch, 3, padding=1, key=next(keys))
+        skips = [ch]
+        down: list[_Stage | _Downsample] = []
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                out = model_channels * mult
+                has_attn = sides[level] in attention_resolutions
+                down.append(_Stage(res(ch, out), attn(out) if has_attn else None, None))
+                ch = out
+                skips.append(ch)
+            if level != levels - 1:
+                down.append(_Downsample(ch, key=next(keys)))
+                skips.append(ch)
+        self.down = tuple(down)
+        self.mid_res1 = res(ch, ch)
+        self.mid_attn = attn(ch)
+        self.mid_res2 = res(ch, ch)
+        up: list[_Stage] = []
+        for level in reversed(range(levels)):
+            for i in range(num_res_blocks + 1):
+                out = model_channels * channel_mult[level]
+                has_attn = sides[level] in attention_resolutions
+                block = res(ch + skips.pop(), out)
+                ch = out
+                upsample = _Upsample(ch, key=next(keys)) if level and i == num_res_blocks else None
+                up.append(_Stage(block, attn(ch) if has_attn else None, upsample))
+        self.up = tuple(up)
+        self.out_norm = eqx.nn.GroupNorm(_GROUPS, ch)
+        self.out_conv = _zero(eqx.nn.Conv2d(ch, out_channels, 3, padding=1, key=next(keys)))
+
+    def __call__(
+        self,
+        x_t: Float[Array, "c h w"],
+        t: Float[Array, ""],
+        context: Float[Array, " d"] | Float[Array, "n d"],
+        *,
+        key: PRNGKeyArray | None = None,
+        inference: bool = False,
+    ) -> Float[Array, "c_out h w"]:
+        """Predict epsilon (and the variance channels) for one noisy image.
+
+        **Arguments:**
+        - `x_t`: the noisy image, `(in_channels, image_size, image_size)`.
+        - `t`: the timestep in [0, T), possibly fractional.
+        - `context`: a vector `(context_dim,)` for FiLM, or tokens `(n, context_dim)` for LAG.
+        - `key`: dropout randomness; needed when `inference` is false and dropout is positive.
+        - `inference`: disables dropout.
+
+        **Returns:** the prediction, `(out_channels, image_size, image_size)`.
+        """
+        self._check_inputs(x_t, context, key, inference)
+        n_stages = len(self.up) + sum(isinstance(b, _Stage) for b in self.down) + 2
+        keys = [None] * n_stages if key is None else list(jax.random.split(key, n_stages))
+
+        emb = self.time_out(jax.nn.silu(self.time_in(timestep_embedding(t, self.model_channels))))
+        cond = jnp.concatenate([emb, context]) if self.conditioning == "film" else emb
+
+        lo, hi = self.pad // 2, self.pad - self.pad // 2
+        x = jnp.pad(x_t, ((0, 0), (lo, hi), (lo, hi))) if self.pad else x_t
+        h = self.conv_in(x)
+        skips = [h]
+        for block in self.down:
+            if isinstance(block, _Stage):
+                h = block(h, cond, context, key=keys.pop(), inference=inference)
+            else:
+                h = block(h)
+            skips.append(h)
+        h = self.mid_res1(h, cond, key=keys.pop(), inference=inference)
+        h = _attend(self.mid_attn, h, context)
+        h = self.mid_res2(h, cond, key=keys.pop(), inference=inference)
+        for block in self.up:
+            h = jnp.concatenate([h, skips.pop()])
+            h = block(h, cond, context, key=keys.pop(), inference=inference)
+        out = self.out_conv(jax.nn.silu(self.out_norm(h)))
+        if self.pad:
+            out = out[:, lo : lo + self.image_size, lo : lo + self.image_size]
+        return out
+
+    def _check_inputs(
+        self,
+        x_t: Float[Array, "c h w"],
+        context: Float[Array, "*n d"],
+        key: PRNGKeyArray | None,
+        inference: bool,
+    ) -> None:
+        want = (self.in_channels, self.image_size, self.image_size)
+        if x_t.shape != want:
+            raise ValueError(
+                f"UNet expects one image of shape {want} (channels first, no batch axis; "
+                f"jax.vmap over a batch), got {x_t.shape}."
+            )
+        if self.conditioning == "film":
+            want_ctx, form = (self.context_dim,), "one vector (context_dim,)"
+        else:
+            want_ctx, form = (context.shape[0], self.context_dim), "tokens (n, context_dim)"
+        if context.shape != want_ctx:
+            raise ValueError(
+                f"UNet with conditioning={self.conditioning!r} expects the context as {form} "
+                f"with context_dim={self.context_dim}, got shape {context.shape}."
+            )
+        if key is None and not inference and self.dropout > 0:
+            raise ValueError(
+                f"UNet has dropout={self.dropout}: pass `key=` for training, or "
+                "`inference=True` to disable dropout."
+            )
