@@ -1,6 +1,7 @@
 """Downloads: cache directory resolution, checksum-verified atomic writes, offline errors."""
 
 import hashlib
+import http.client
 import io
 import urllib.error
 import urllib.request
@@ -99,6 +100,18 @@ def test_interrupted_download_never_stays(monkeypatch: pytest.MonkeyPatch, tmp_p
 
     monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: _Broken(PAYLOAD))
     with pytest.raises(DataError, match="timed out"):
+        fetch(["https://a/f"], "f", ("md5", MD5), cache_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_connection_dropped_mid_body(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    class _Dropped(_Response):
+        def read(self, size: int | None = -1) -> bytes:
+            raise http.client.IncompleteRead(b"partial", 1000)
+
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: _Dropped(PAYLOAD))
+    expected = r"https://a/f \(IncompleteRead\(7 bytes read, 1000 more expected\)\)"
+    with pytest.raises(DataError, match=expected):
         fetch(["https://a/f"], "f", ("md5", MD5), cache_dir=tmp_path)
     assert list(tmp_path.iterdir()) == []
 

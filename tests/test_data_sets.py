@@ -161,6 +161,7 @@ def test_prefetch_threads_keep_order_and_stop(data: LabelledImages, workers: int
     with sampler.stream() as other:
         next(other)
     assert not _prefetch_threads()
+    np.testing.assert_array_equal(next(iter(sampler))[0], sampler.batch(0)[0])
 
 
 def test_prefetch_thread_reports_errors(data: LabelledImages, monkeypatch) -> None:

@@ -8,6 +8,7 @@ behind looking complete.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import tempfile
 import urllib.error
@@ -122,7 +123,7 @@ def fetch(
                 continue
             os.replace(tmp, dest)
             return dest
-        except (urllib.error.URLError, OSError, ValueError) as e:
+        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
             reason = getattr(e, "reason", None) or e
             failures.append(f"{url} ({reason})")
         finally:
