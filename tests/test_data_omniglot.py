@@ -84,6 +84,10 @@ def test_size_32_and_bad_size(
     )  # fmt: skip
     with pytest.raises(ValueError, match="choose 28 or 32"):
         load_omniglot(image_size=30, data_dir=tmp_path)
+    one_zip = tmp_path / "images_background.zip"
+    assert len(load_omniglot(("background",), data_dir=one_zip)) == 12
+    with pytest.raises(ValueError, match="pass the folder"):
+        load_omniglot(("background", "evaluation"), data_dir=one_zip)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "bad_png", "checksum"])

@@ -229,9 +229,13 @@ def test_real_cifar_fc100_sampler() -> None:
     assert not sampler.flips, "flips apply only to the training split"
     assert (sampler.ns, sampler.batch_size, sampler.workers) == (5, 8, 2)
     with sampler.stream(0, 2) as stream:
-        for sets, labels in stream:
+        for step, (sets, labels) in enumerate(stream):
             assert sets.shape == (8, 5, 3, 32, 32)
             assert set(labels.tolist()) <= set(split.test)
+            # Set membership on real data: each image is the dataset image of the set's class.
+            index, _ = sampler.indices(step)
+            np.testing.assert_array_equal(data.labels[index], labels[:, None].repeat(5, 1))
+            np.testing.assert_allclose(sets, _reference_float(data.images[index]), atol=1.2e-7)
     episodes = sampler.evaluation(num_sets=10)
     assert len(episodes) == 20 and episodes[0].rest.shape == (120, 3, 32, 32)
     reference = load_cifar100(path)

@@ -128,6 +128,11 @@ def load_omniglot(
     if image_size not in IMAGE_SIZES:
         raise ValueError(f"Omniglot image_size={image_size} is not allowed; choose 28 or 32.")
     root = None if data_dir is None else as_path(data_dir)
+    if root is not None and root.is_file() and len(subsets) != 1:
+        raise ValueError(
+            f"--data-dir {root} is one zip but {len(subsets)} subsets were asked for; pass the "
+            "folder that holds the zips."
+        )
     images: list[np.ndarray] = []
     labels: list[int] = []
     names: list[str] = []
