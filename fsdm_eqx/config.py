@@ -279,3 +279,253 @@ class EvalConfig:
                     "it must be an integer or None (all timesteps)."
                 )
             check_range(self, "likelihood_steps", low=1)
+
+
+EncoderName = Literal["vit", "svit"]
+PoolingName = Literal["cls", "mean", "sum", "mean_patch"]
+ConditioningName = Literal["film", "lag"]
+DenoiserName = Literal["dit", "unet"]
+DiTSize = Literal["S", "B"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The FSDM networks: set encoder, optional Gaussian posterior and denoiser (DiT or UNet).
+
+    The encoder reads a set of images into a context (a vector pooled by `cls`, `mean` or `sum`
+    for FiLM conditioning, or one token per patch position by `mean_patch` for LAG); the context
+    conditions the denoiser. Presets: `model_preset(name)`.
+    """
+
+    encoder: EncoderName = "vit"
+    """`vit`: the plain set ViT; `svit`: Shifted Patch Tokenization + Locality Self-Attention."""
+    pooling: PoolingName = "mean"
+    """How the encoder's tokens become the context: `cls`, `mean`, `sum` or `mean_patch` (LAG)."""
+    conditioning: ConditioningName = "film"
+    """`film`: the context vector modulates the denoiser; `lag`: its tokens are attended to."""
+    hdim: int = 256
+    """Width of the encoder and size of the context (per token for LAG)."""
+    encoder_depth: int = 6
+    """Transformer blocks of the encoder."""
+    encoder_heads: int = 12
+    """Attention heads of the encoder."""
+    encoder_head_dim: int = 64
+    """Width of each encoder attention head."""
+    encoder_mlp_dim: int = 256
+    """Hidden width of the encoder's MLPs."""
+    encoder_dropout: float = 0.0
+    """Dropout in the encoder (embeddings, attention outputs, MLPs)."""
+    encoder_patch_size: int = 8
+    """Side of the encoder's square patches; divides `image_size`."""
+    encoder_time_token: bool = False
+    """Feed the diffusion timestep to the encoder as a token, in training and sampling alike (the
+    context is then recomputed at every sampling step)."""
+    variational: bool = True
+    """Sample the context from a Gaussian posterior with a KL to N(0, I) (VFSDDPM); at sampling
+    time its mean is used."""
+    denoiser: DenoiserName = "dit"
+    """The denoiser: `dit` or the paper's `unet`."""
+    dit_size: DiTSize | None = "S"
+    """Named DiT size (`S`: 384 wide, 12 deep, 6 heads; `B`: 768, 12, 12), or None to give
+    `dit_hidden`, `dit_depth` and `dit_heads` explicitly."""
+    dit_hidden: int | None = None
+    """DiT width, overriding the named size."""
+    dit_depth: int | None = None
+    """DiT depth, overriding the named size."""
+    dit_heads: int | None = None
+    """DiT heads, overriding the named size."""
+    dit_patch_size: int = 2
+    """Side of the DiT's square patches; divides `image_size`."""
+    dit_gate_bias: float = 0.0
+    """Initial bias of the DiT blocks' adaLN gates: 0 is adaLN-Zero, positive warm-starts."""
+    image_size: int = 32
+    """Side of the square images."""
+    channels: int = 3
+    """Image channels."""
+    ns: int = 6
+    """Images per set in training; each is generated from the other ns - 1."""
+    learned_variance: bool = True
+    """The denoiser also outputs the variance interpolation (2 * channels outputs); must agree
+    with `DiffusionConfig.variance`."""
+    unet_model_channels: int = 64
+    """UNet channels of the first level (a multiple of 32)."""
+    unet_channel_mult: tuple[int, ...] = (1, 2, 3, 4)
+    """UNet channel multiplier per level."""
+    unet_num_res_blocks: int = 2
+    """UNet residual blocks per level."""
+    unet_attention_resolutions: tuple[int, ...] = (16, 8)
+    """Feature-map sides at which the UNet attends."""
+    unet_num_heads: int = 4
+    """UNet attention heads."""
+    unet_dropout: float = 0.2
+    """Dropout in the UNet's residual blocks."""
+
+    def __post_init__(self) -> None:
+        check_choice(self, "encoder", get_args(EncoderName))
+        check_choice(self, "pooling", get_args(PoolingName))
+        check_choice(self, "conditioning", get_args(ConditioningName))
+        check_choice(self, "denoiser", get_args(DenoiserName))
+        check_choice(self, "dit_size", (*get_args(DiTSize), None))
+        positive = (
+            "hdim",
+            "encoder_depth",
+            "encoder_heads",
+            "encoder_head_dim",
+            "encoder_mlp_dim",
+            "encoder_patch_size",
+            "dit_patch_size",
+            "image_size",
+            "channels",
+            "unet_model_channels",
+            "unet_num_res_blocks",
+            "unet_num_heads",
+        )
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(
+                    f"ModelConfig.{name}={value!r} is not allowed; it must be a positive integer."
+                )
+        for name in ("dit_hidden", "dit_depth", "dit_heads"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise ValueError(
+                    f"ModelConfig.{name}={value!r} is not allowed; it must be None or a "
+                    "positive integer."
+                )
+        check_range(self, "ns", low=2)
+        check_range(self, "encoder_dropout", low=0.0, high=1.0, high_inclusive=False)
+        check_range(self, "unet_dropout", low=0.0, high=1.0, high_inclusive=False)
+        check_range(self, "dit_gate_bias")
+        if (self.conditioning == "lag") != (self.pooling == "mean_patch"):
+            raise ValueError(
+                f"ModelConfig.conditioning={self.conditioning!r} is not allowed with "
+                f"pooling={self.pooling!r}; LAG attends to one token per patch position: use "
+                "conditioning='lag' with pooling='mean_patch', and 'film' with 'cls', 'mean' "
+                "or 'sum'."
+            )
+        if self.image_size % self.encoder_patch_size:
+            raise ValueError(
+                f"ModelConfig.encoder_patch_size={self.encoder_patch_size} is not allowed; it "
+                f"must divide image_size={self.image_size}."
+            )
+        if self.denoiser == "dit":
+            if self.image_size % self.dit_patch_size:
+                raise ValueError(
+                    f"ModelConfig.dit_patch_size={self.dit_patch_size} is not allowed; it must "
+                    f"divide image_size={self.image_size}."
+                )
+            if self.dit_size is None and None in (self.dit_hidden, self.dit_depth, self.dit_heads):
+                raise ValueError(
+                    "ModelConfig.dit_size=None is not allowed without dit_hidden, dit_depth and "
+                    "dit_heads; name a size ('S', 'B') or give all three."
+                )
+            hidden, _, heads = self.dit_dims
+            if hidden % heads or hidden % 4:
+                raise ValueError(
+                    f"ModelConfig DiT width {hidden} is not allowed with {heads} heads; it must "
+                    "be a multiple of 4 and of the number of heads."
+                )
+        else:
+            if self.unet_model_channels % 32:
+                raise ValueError(
+                    f"ModelConfig.unet_model_channels={self.unet_model_channels} is not allowed; "
+                    "it must be a multiple of 32 (GroupNorm with 32 groups)."
+                )
+            if not self.unet_channel_mult or min(self.unet_channel_mult) < 1:
+                raise ValueError(
+                    f"ModelConfig.unet_channel_mult={self.unet_channel_mult!r} is not allowed; "
+                    "give one positive multiplier per level."
+                )
+
+    @property
+    def dit_dims(self) -> tuple[int, int, int]:
+        """The DiT's (hidden width, depth, heads): the named size with explicit overrides."""
+        named = {"S": (384, 12, 6), "B": (768, 12, 12), None: (0, 0, 0)}[self.dit_size]
+        return (
+            self.dit_hidden or named[0],
+            self.dit_depth or named[1],
+            self.dit_heads or named[2],
+        )
+
+    @property
+    def out_channels(self) -> int:
+        """Channels the denoiser predicts: epsilon, plus as many variance channels if learned."""
+        return 2 * self.channels if self.learned_variance else self.channels
+
+
+MODEL_PRESETS: dict[str, ModelConfig] = {
+    "paper-cifar100": ModelConfig(
+        encoder="vit",
+        pooling="mean",
+        conditioning="film",
+        hdim=256,
+        encoder_depth=6,
+        encoder_heads=12,
+        encoder_head_dim=64,
+        encoder_mlp_dim=256,
+        encoder_dropout=0.2,
+        encoder_patch_size=8,
+        encoder_time_token=True,
+        variational=True,
+        denoiser="unet",
+        image_size=32,
+        channels=3,
+        ns=6,
+        learned_variance=True,
+    ),
+    "dit-s-cifar100": ModelConfig(
+        encoder="vit",
+        pooling="mean",
+        conditioning="film",
+        hdim=256,
+        encoder_depth=6,
+        encoder_heads=12,
+        encoder_head_dim=64,
+        encoder_mlp_dim=256,
+        encoder_dropout=0.2,
+        encoder_patch_size=8,
+        encoder_time_token=True,
+        variational=True,
+        denoiser="dit",
+        dit_size="S",
+        dit_patch_size=2,
+        image_size=32,
+        channels=3,
+        ns=6,
+        learned_variance=True,
+    ),
+    "smoke": ModelConfig(
+        hdim=32,
+        encoder_depth=1,
+        encoder_heads=2,
+        encoder_head_dim=16,
+        encoder_mlp_dim=64,
+        encoder_patch_size=4,
+        denoiser="dit",
+        dit_size=None,
+        dit_hidden=32,
+        dit_depth=2,
+        dit_heads=2,
+        dit_patch_size=4,
+        image_size=16,
+        channels=3,
+        ns=4,
+    ),
+}
+"""Named model configurations: `paper-cifar100` (the reference code's
+`vfsddpm_cifar100_vit_film_mean_sigma`: ViT encoder, mean pooling, FiLM, variational context,
+UNet with learned variance), `dit-s-cifar100` (the same encoder with DiT-S/2) and `smoke` (tiny,
+16x16 images, compiles in seconds on a CPU)."""
+
+
+def model_preset(name: str) -> ModelConfig:
+    """The named `ModelConfig`; raises a `ValueError` listing the names for an unknown one."""
+    if name not in MODEL_PRESETS:
+        raise ValueError(
+            f"model preset {name!r} is not known; choose one of "
+            f"{', '.join(repr(n) for n in MODEL_PRESETS)}."
+        )
+    return MODEL_PRESETS[name]

@@ -1,0 +1,318 @@
+"""Attention, MLP and pre-norm transformer blocks shared by the set encoders and the DiT.
+
+Attention always returns its weights next to its output: callers that only need the output drop
+them (and XLA drops their computation), while the W&B attention maps read them from the same code
+path. Locality Self-Attention (Lee et al. 2021, "Vision Transformer for Small-Size Datasets") is a
+switch of the same module: a learned softmax temperature and a masked diagonal.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, PRNGKeyArray
+
+Initializer = Callable[[PRNGKeyArray, tuple[int, ...]], Array]
+
+
+def split_key(key: PRNGKeyArray | None, num: int) -> Sequence[PRNGKeyArray | None]:
+    """Split ``key`` into ``num`` keys, or give ``num`` Nones when there is no key (inference)."""
+    if key is None:
+        return [None] * num
+    return list(jax.random.split(key, num))
+
+
+def make_linear(
+    in_features: int,
+    out_features: int,
+    *,
+    key: PRNGKeyArray,
+    use_bias: bool = True,
+    weight_init: Initializer | None = None,
+) -> eqx.nn.Linear:
+    """A linear layer, initialised as in PyTorch unless ``weight_init`` is given.
+
+    **Arguments:**
+    - `in_features`, `out_features`: the sizes.
+    - `key`: initialisation randomness.
+    - `use_bias`: whether the layer has a bias.
+    - `weight_init`: an initializer for the `(out_features, in_features)` weight (for example
+      `jax.nn.initializers.xavier_uniform()`); with it the bias starts at zero.
+
+    **Returns:** the `eqx.nn.Linear`.
+    """
+    linear = eqx.nn.Linear(in_features, out_features, use_bias=use_bias, key=key)
+    if weight_init is None:
+        return linear
+    weight = weight_init(key, (out_features, in_features)).astype(linear.weight.dtype)
+    linear = eqx.tree_at(lambda m: m.weight, linear, weight)
+    if use_bias:
+        linear = eqx.tree_at(lambda m: m.bias, linear, jnp.zeros((out_features,)))
+    return linear
+
+
+def zero_linear(linear: eqx.nn.Linear) -> eqx.nn.Linear:
+    """The layer with its weight and bias set to zero, for zero-initialised outputs (adaLN-Zero)."""
+    linear = eqx.tree_at(lambda m: m.weight, linear, jnp.zeros_like(linear.weight))
+    if linear.bias is not None:
+        linear = eqx.tree_at(lambda m: m.bias, linear, jnp.zeros_like(linear.bias))
+    return linear
+
+
+def apply_tokens(
+    layer: Callable[[Float[Array, " a"]], Float[Array, " b"]], x: Float[Array, "n a"]
+) -> Float[Array, "n b"]:
+    """Apply a per-vector layer (Linear, LayerNorm) to every token."""
+    return jax.vmap(layer)(x)
+
+
+def timestep_embedding(
+    t: Float[Array, ""], dim: int, max_period: float = 10000.0
+) -> Float[Array, " dim"]:
+    """The sinusoidal embedding of a (possibly fractional) timestep: ``[cos(t f), sin(t f)]``.
+
+    **Arguments:**
+    - `t`: the timestep.
+    - `dim`: the embedding size (an odd size gets a zero last entry).
+    - `max_period`: the longest period, of the lowest frequency.
+
+    **Returns:** the embedding, with frequencies ``f_k = max_period ** (-k / (dim // 2))``.
+    """
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = t.astype(jnp.float32) * freqs
+    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)])
+    if dim % 2:
+        emb = jnp.concatenate([emb, jnp.zeros((1,), emb.dtype)])
+    return emb
+
+
+def patchify(x: Float[Array, "c h w"], patch_size: int) -> Float[Array, "n pd"]:
+    """Cut an image into non-overlapping patches, row-major, each flattened as ``(p, p, c)``."""
+    c, h, w = x.shape
+    p = patch_size
+    x = x.reshape(c, h // p, p, w // p, p)
+    return x.transpose(1, 3, 2, 4, 0).reshape((h // p) * (w // p), p * p * c)
+
+
+class MultiheadAttention(eqx.Module):
+    """Multi-head dot-product attention of ``n`` query tokens over ``m`` key/value tokens.
+
+    Self-attention when no ``context`` is given, cross-attention otherwise. With ``locality`` it
+    is Locality Self-Attention: the scale ``exp(log_temperature)`` is learned (initialised to
+    ``head_dim ** -0.5``) and each token's attention to itself is masked out.
+    """
+
+    to_q: eqx.nn.Linear
+    to_kv: eqx.nn.Linear
+    to_out: eqx.nn.Linear
+    log_temperature: Float[Array, ""] | None
+    dropout: eqx.nn.Dropout
+    num_heads: int = eqx.field(static=True)
+    head_dim: int = eqx.field(static=True)
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        num_heads: int,
+        head_dim: int,
+        context_dim: int | None = None,
+        qkv_bias: bool = False,
+        locality: bool = False,
+        dropout: float = 0.0,
+        weight_init: Initializer | None = None,
+        key: PRNGKeyArray,
+    ):
+        """**Arguments:**
+        - `dim`: width of the query tokens and of the output.
+        - `num_heads`, `head_dim`: the heads and the width of each.
+        - `context_dim`: width of the key/value tokens (defaults to `dim`).
+        - `qkv_bias`: biases on the query/key/value projections.
+        - `locality`: Locality Self-Attention (learned temperature, masked diagonal).
+        - `dropout`: dropout on the output projection.
+        - `weight_init`: initializer of all projections (PyTorch's default when None).
+        - `key`: initialisation randomness.
+        """
+        q_key, kv_key, out_key = jax.random.split(key, 3)
+        inner = num_heads * head_dim
+        kv_dim = dim if context_dim is None else context_dim
+        self.to_q = make_linear(dim, inner, use_bias=qkv_bias, weight_init=weight_init, key=q_key)
+        self.to_kv = make_linear(
+            kv_dim, 2 * inner, use_bias=qkv_bias, weight_init=weight_init, key=kv_key
+        )
+        self.to_out = make_linear(inner, dim, weight_init=weight_init, key=out_key)
+        self.log_temperature = jnp.log(jnp.asarray(head_dim**-0.5)) if locality else None
+        self.dropout = eqx.nn.Dropout(dropout)
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+
+    def __call__(
+        self,
+        x: Float[Array, "n d"],
+        context: Float[Array, "m e"] | None = None,
+        *,
+        key: PRNGKeyArray | None = None,
+        inference: bool = False,
+    ) -> tuple[Float[Array, "n d"], Float[Array, "heads n m"]]:
+        """Attend from ``x`` to ``context`` (to ``x`` itself when None).
+
+        **Arguments:**
+        - `x`: the query tokens.
+        - `context`: the key/value tokens; None for self-attention.
+        - `key`: dropout randomness.
+        - `inference`: disables dropout.
+
+        **Returns:** the output tokens and the attention weights (rows sum to one).
+        """
+        source = x if context is None else context
+        q = apply_tokens(self.to_q, x).reshape(x.shape[0], self.num_heads, self.head_dim)
+        kv = apply_tokens(self.to_kv, source).reshape(source.shape[0], 2, self.num_heads, -1)
+        k, v = kv[:, 0], kv[:, 1]
+        if self.log_temperature is None:
+            scale = jnp.asarray(self.head_dim**-0.5, dtype=x.dtype)
+        else:
+            scale = jnp.exp(self.log_temperature)
+        logits = jnp.einsum("nhd,mhd->hnm", q, k) * scale
+        if self.log_temperature is not None:
+            if context is not None:
+                raise ValueError("Locality Self-Attention is self-attention: pass no context.")
+            diagonal = jnp.eye(x.shape[0], dtype=bool)
+            logits = jnp.where(diagonal, jnp.finfo(logits.dtype).min, logits)
+        weights = jax.nn.softmax(logits, axis=-1)
+        out = jnp.einsum("hnm,mhd->nhd", weights, v).reshape(x.shape[0], -1)
+        out = self.dropout(apply_tokens(self.to_out, out), key=key, inference=inference)
+        return out, weights
+
+
+class MLP(eqx.Module):
+    """Two linear layers with a GELU between, dropout after each (the transformer feed-forward)."""
+
+    fc1: eqx.nn.Linear
+    fc2: eqx.nn.Linear
+    dropout: eqx.nn.Dropout
+    approximate_gelu: bool = eqx.field(static=True)
+
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int,
+        *,
+        dropout: float = 0.0,
+        approximate_gelu: bool = False,
+        weight_init: Initializer | None = None,
+        key: PRNGKeyArray,
+    ):
+        """**Arguments:**
+        - `dim`: input and output width.
+        - `hidden_dim`: the hidden width.
+        - `dropout`: dropout after the activation and after the output.
+        - `approximate_gelu`: the tanh approximation of GELU (DiT) instead of the exact one.
+        - `weight_init`: initializer of both layers (PyTorch's default when None).
+        - `key`: initialisation randomness.
+        """
+        key1, key2 = jax.random.split(key)
+        self.fc1 = make_linear(dim, hidden_dim, weight_init=weight_init, key=key1)
+        self.fc2 = make_linear(hidden_dim, dim, weight_init=weight_init, key=key2)
+        self.dropout = eqx.nn.Dropout(dropout)
+        self.approximate_gelu = approximate_gelu
+
+    def __call__(
+        self, x: Float[Array, "n d"], *, key: PRNGKeyArray | None = None, inference: bool = False
+    ) -> Float[Array, "n d"]:
+        """Apply the MLP to every token; `key` drives dropout unless `inference`."""
+        key1, key2 = split_key(key, 2)
+        h = jax.nn.gelu(apply_tokens(self.fc1, x), approximate=self.approximate_gelu)
+        h = self.dropout(h, key=key1, inference=inference)
+        return self.dropout(apply_tokens(self.fc2, h), key=key2, inference=inference)
+
+
+class TransformerBlock(eqx.Module):
+    """A pre-norm transformer block: ``x + Attn(LN(x))``, then ``x + MLP(LN(x))``."""
+
+    norm1: eqx.nn.LayerNorm
+    attention: MultiheadAttention
+    norm2: eqx.nn.LayerNorm
+    mlp: MLP
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        num_heads: int,
+        head_dim: int,
+        mlp_dim: int,
+        dropout: float = 0.0,
+        locality: bool = False,
+        key: PRNGKeyArray,
+    ):
+        """**Arguments:** width, heads, head width, MLP width, dropout, Locality Self-Attention
+        switch and initialisation key, as in `MultiheadAttention` and `MLP`."""
+        attn_key, mlp_key = jax.random.split(key)
+        self.norm1 = eqx.nn.LayerNorm(dim)
+        self.attention = MultiheadAttention(
+            dim,
+            num_heads=num_heads,
+            head_dim=head_dim,
+            locality=locality,
+            dropout=dropout,
+            key=attn_key,
+        )
+        self.norm2 = eqx.nn.LayerNorm(dim)
+        self.mlp = MLP(dim, mlp_dim, dropout=dropout, key=mlp_key)
+
+    def __call__(
+        self, x: Float[Array, "n d"], *, key: PRNGKeyArray | None = None, inference: bool = False
+    ) -> tuple[Float[Array, "n d"], Float[Array, "heads n n"]]:
+        """Apply the block; returns the tokens and the attention weights."""
+        attn_key, mlp_key = split_key(key, 2)
+        h, weights = self.attention(apply_tokens(self.norm1, x), key=attn_key, inference=inference)
+        x = x + h
+        x = x + self.mlp(apply_tokens(self.norm2, x), key=mlp_key, inference=inference)
+        return x, weights
+
+
+class Transformer(eqx.Module):
+    """A stack of pre-norm transformer blocks."""
+
+    blocks: tuple[TransformerBlock, ...]
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        depth: int,
+        num_heads: int,
+        head_dim: int,
+        mlp_dim: int,
+        dropout: float = 0.0,
+        locality: bool = False,
+        key: PRNGKeyArray,
+    ):
+        """**Arguments:** `depth` blocks of `TransformerBlock` with the given sizes."""
+        self.blocks = tuple(
+            TransformerBlock(
+                dim,
+                num_heads=num_heads,
+                head_dim=head_dim,
+                mlp_dim=mlp_dim,
+                dropout=dropout,
+                locality=locality,
+                key=k,
+            )
+            for k in jax.random.split(key, depth)
+        )
+
+    def __call__(
+        self, x: Float[Array, "n d"], *, key: PRNGKeyArray | None = None, inference: bool = False
+    ) -> tuple[Float[Array, "n d"], Float[Array, "depth heads n n"]]:
+        """Apply every block; returns the tokens and the stacked attention weights."""
+        all_weights = []
+        for block, block_key in zip(self.blocks, split_key(key, len(self.blocks)), strict=True):
+            x, weights = block(x, key=block_key, inference=inference)
+            all_weights.append(weights)
+        return x, jnp.stack(all_weights)

@@ -1,0 +1,344 @@
+"""Set encoders: a ViT and a small-data ViT (sViT) that read a whole set of images at once.
+
+As in the reference code of Few-Shot Diffusion Models, the patches of every image of the set form
+one token sequence, behind a class token (and, optionally, a diffusion-timestep token); every
+image's patches get the same position embeddings, so nothing marks which image a token came from
+and the encoders are invariant to the order of the set. The pooled output is the context:
+
+- `cls`, `mean`, `sum`: one vector of size `hdim` (FiLM conditioning). `mean` and `sum` pool all
+  tokens, class and timestep tokens included, as the reference does.
+- `mean_patch`: one token per patch position, the mean over the images of the set (LAG).
+
+Differences from the reference code:
+- The reference's `mean_patch` reshapes the image-major token sequence as if it were
+  position-major (so it averages tokens of different positions) and runs the transformer again on
+  the result; here each position is averaged over the images of the set, then the output head
+  is applied.
+- The reference sViT stacks the images of the set along channels, which ties it to one set size
+  and one order, and leaves the patch shifting commented out. `SetViTEncoder` applies Shifted
+  Patch Tokenization to each image (the image and four diagonal half-patch shifts, Lee et al.
+  2021), then forms the same set sequence as `ViTSetEncoder`, with Locality Self-Attention.
+- The timestep token is a linear map of the sinusoidal embedding of ``t``; the reference first
+  passes it through the UNet's own time MLP.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Literal
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from .attention import Transformer, apply_tokens, patchify, split_key, timestep_embedding
+
+Pooling = Literal["cls", "mean", "sum", "mean_patch"]
+POOLINGS: tuple[Pooling, ...] = ("cls", "mean", "sum", "mean_patch")
+Context = Float[Array, " hdim"] | Float[Array, "p hdim"]
+"""An encoder's output: one vector (FiLM) or one token per patch position (LAG)."""
+
+
+def shifted_patch_input(x: Float[Array, "c h w"], shift: int) -> Float[Array, "c5 h w"]:
+    """The image with its four diagonal shifts by ``shift`` pixels (zero-padded), along channels.
+
+    Shifted Patch Tokenization (Lee et al. 2021) lets each patch token see its neighbours' pixels.
+    """
+    _, h, w = x.shape
+    padded = jnp.pad(x, ((0, 0), (shift, shift), (shift, shift)))
+    views = [x]
+    for dy, dx in ((-1, -1), (-1, 1), (1, -1), (1, 1)):
+        y0, x0 = shift + dy * shift, shift + dx * shift
+        views.append(padded[:, y0 : y0 + h, x0 : x0 + w])
+    return jnp.concatenate(views, axis=0)
+
+
+class SetTransformer(eqx.Module):
+    """The set trunk both encoders share: tokens, position embeddings, transformer, pooling, head.
+
+    Takes the patch tokens of every image of the set and returns the pooled context.
+    """
+
+    cls_token: Float[Array, " dim"]
+    position: Float[Array, "k dim"]
+    time_proj: eqx.nn.Linear | None
+    dropout: eqx.nn.Dropout
+    transformer: Transformer
+    head_norm: eqx.nn.LayerNorm
+    head: eqx.nn.Linear
+    pooling: Pooling = eqx.field(static=True)
+    num_patches: int = eqx.field(static=True)
+    time_dim: int = eqx.field(static=True)
+
+    def __init__(
+        self,
+        *,
+        num_patches: int,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        head_dim: int,
+        mlp_dim: int,
+        hdim: int,
+        pooling: Pooling,
+        dropout: float,
+        time_token: bool,
+        time_dim: int,
+        locality: bool,
+        key: PRNGKeyArray,
+    ):
+        """**Arguments:** see `ViTSetEncoder`; `num_patches` per image, `locality` for LSA."""
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling={pooling!r} is not allowed; choose one of {POOLINGS}.")
+        cls_key, pos_key, time_key, tr_key, head_key = jax.random.split(key, 5)
+        num_special = 2 if time_token else 1
+        self.cls_token = 0.02 * jax.random.normal(cls_key, (dim,))
+        self.position = 0.02 * jax.random.normal(pos_key, (num_special + num_patches, dim))
+        self.time_proj = eqx.nn.Linear(time_dim, dim, key=time_key) if time_token else None
+        self.dropout = eqx.nn.Dropout(dropout)
+        self.transformer = Transformer(
+            dim,
+            depth=depth,
+            num_heads=num_heads,
+            head_dim=head_dim,
+            mlp_dim=mlp_dim,
+            dropout=dropout,
+            locality=locality,
+            key=tr_key,
+        )
+        self.head_norm = eqx.nn.LayerNorm(dim)
+        self.head = eqx.nn.Linear(dim, hdim, key=head_key)
+        self.pooling = pooling
+        self.num_patches = num_patches
+        self.time_dim = time_dim
+
+    def __call__(
+        self,
+        patches: Float[Array, "m p dim"],
+        t: Float[Array, ""] | None,
+        *,
+        key: PRNGKeyArray | None,
+        inference: bool,
+    ) -> tuple[Context, Float[Array, "depth heads n n"]]:
+        """Pool the set's patch tokens into the context; also returns the attention weights."""
+        m, p, dim = patches.shape
+        special = [self.cls_token[None]]
+        if self.time_proj is not None:
+            if t is None:
+                raise ValueError(
+                    "this encoder was built with a timestep token "
+                    "(ModelConfig.encoder_time_token=True): pass the timestep t."
+                )
+            special.append(self.time_proj(timestep_embedding(t, self.time_dim))[None])
+        elif t is not None:
+            raise ValueError(
+                "this encoder has no timestep token (ModelConfig.encoder_time_token=False): "
+                "pass t=None."
+            )
+        k = len(special)
+        position = jnp.concatenate([self.position[:k], jnp.tile(self.position[k:], (m, 1))], axis=0)
+        tokens = jnp.concatenate([*special, patches.reshape(m * p, dim)], axis=0) + position
+        drop_key, tr_key = split_key(key, 2)
+        tokens = self.dropout(tokens, key=drop_key, inference=inference)
+        tokens, weights = self.transformer(tokens, key=tr_key, inference=inference)
+        if self.pooling == "cls":
+            pooled = tokens[0]
+        elif self.pooling == "mean":
+            pooled = jnp.mean(tokens, axis=0)
+        elif self.pooling == "sum":
+            pooled = jnp.sum(tokens, axis=0)
+        else:
+            pooled = jnp.mean(tokens[k:].reshape(m, p, dim), axis=0)
+        if pooled.ndim == 1:
+            return self.head(self.head_norm(pooled)), weights
+        return apply_tokens(self.head, apply_tokens(self.head_norm, pooled)), weights
+
+
+class AbstractSetEncoder(eqx.Module):
+    """An encoder of a set of images into one context (a vector, or tokens for LAG)."""
+
+    trunk: eqx.AbstractVar[SetTransformer]
+
+    @abc.abstractmethod
+    def patch_tokens(self, x_set: Float[Array, "m c h w"]) -> Float[Array, "m p dim"]:
+        """Embed every image of the set into its patch tokens."""
+
+    def encode(
+        self,
+        x_set: Float[Array, "m c h w"],
+        t: Float[Array, ""] | None = None,
+        *,
+        key: PRNGKeyArray | None = None,
+        inference: bool = False,
+    ) -> tuple[Context, Float[Array, "depth heads n n"]]:
+        """Encode a set and return the context with the attention weights of every layer.
+
+        **Arguments:**
+        - `x_set`: the set, any number of images, channels first.
+        - `t`: the diffusion timestep, when the encoder has a timestep token; otherwise None.
+        - `key`: dropout randomness; needed unless `inference` is true or dropout is zero.
+        - `inference`: disables dropout.
+
+        **Returns:** the context (`(hdim,)`, or `(patches, hdim)` for `mean_patch` pooling) and
+        the attention weights `(depth, heads, tokens, tokens)`; the token order is class token,
+        timestep token (if any), then the patches of each image in turn.
+        """
+        return self.trunk(self.patch_tokens(x_set), t, key=key, inference=inference)
+
+    def __call__(
+        self,
+        x_set: Float[Array, "m c h w"],
+        t: Float[Array, ""] | None = None,
+        *,
+        key: PRNGKeyArray | None = None,
+        inference: bool = False,
+    ) -> Context:
+        """Encode a set into its context; the arguments are those of `encode`."""
+        return self.encode(x_set, t, key=key, inference=inference)[0]
+
+
+def _check_image(image_size: int, patch_size: int) -> int:
+    if patch_size < 1 or image_size % patch_size:
+        raise ValueError(
+            f"patch_size={patch_size} does not divide image_size={image_size}; "
+            "choose a patch size that divides the image size."
+        )
+    return (image_size // patch_size) ** 2
+
+
+class ViTSetEncoder(AbstractSetEncoder):
+    """The plain set ViT: linear patch embedding, then the set transformer."""
+
+    patch_embed: eqx.nn.Linear
+    trunk: SetTransformer
+    patch_size: int = eqx.field(static=True)
+
+    def __init__(
+        self,
+        *,
+        image_size: int,
+        channels: int,
+        patch_size: int,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        head_dim: int,
+        mlp_dim: int,
+        hdim: int,
+        pooling: Pooling = "mean",
+        dropout: float = 0.0,
+        time_token: bool = False,
+        time_dim: int = 256,
+        key: PRNGKeyArray,
+    ):
+        """**Arguments:**
+        - `image_size`, `channels`: the square images' size and channels.
+        - `patch_size`: side of the square patches; divides `image_size`.
+        - `dim`, `depth`, `num_heads`, `head_dim`, `mlp_dim`: the transformer's width, blocks,
+          heads, head width and MLP width.
+        - `hdim`: the context size.
+        - `pooling`: `cls`, `mean`, `sum` (a vector) or `mean_patch` (tokens).
+        - `dropout`: dropout on the embeddings, attention outputs and MLPs.
+        - `time_token`: add a diffusion-timestep token (then `t` must be passed).
+        - `time_dim`: size of the sinusoidal timestep embedding.
+        - `key`: initialisation randomness.
+        """
+        num_patches = _check_image(image_size, patch_size)
+        embed_key, trunk_key = jax.random.split(key)
+        self.patch_embed = eqx.nn.Linear(channels * patch_size**2, dim, key=embed_key)
+        self.trunk = SetTransformer(
+            num_patches=num_patches,
+            dim=dim,
+            depth=depth,
+            num_heads=num_heads,
+            head_dim=head_dim,
+            mlp_dim=mlp_dim,
+            hdim=hdim,
+            pooling=pooling,
+            dropout=dropout,
+            time_token=time_token,
+            time_dim=time_dim,
+            locality=False,
+            key=trunk_key,
+        )
+        self.patch_size = patch_size
+
+    def patch_tokens(self, x_set: Float[Array, "m c h w"]) -> Float[Array, "m p dim"]:
+        """Linear embedding of each image's patches."""
+
+        def embed(x: Float[Array, "c h w"]) -> Float[Array, "p dim"]:
+            return apply_tokens(self.patch_embed, patchify(x, self.patch_size))
+
+        return jax.vmap(embed)(x_set)
+
+
+class SetViTEncoder(AbstractSetEncoder):
+    """sViT: Shifted Patch Tokenization per image and Locality Self-Attention over the set."""
+
+    patch_norm: eqx.nn.LayerNorm
+    patch_embed: eqx.nn.Linear
+    trunk: SetTransformer
+    patch_size: int = eqx.field(static=True)
+
+    def __init__(
+        self,
+        *,
+        image_size: int,
+        channels: int,
+        patch_size: int,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        head_dim: int,
+        mlp_dim: int,
+        hdim: int,
+        pooling: Pooling = "mean",
+        dropout: float = 0.0,
+        time_token: bool = False,
+        time_dim: int = 256,
+        key: PRNGKeyArray,
+    ):
+        """**Arguments:** as for `ViTSetEncoder`; patches are shifted by half a patch (at least one
+        pixel)."""
+        num_patches = _check_image(image_size, patch_size)
+        embed_key, trunk_key = jax.random.split(key)
+        patch_dim = 5 * channels * patch_size**2
+        self.patch_norm = eqx.nn.LayerNorm(patch_dim)
+        self.patch_embed = eqx.nn.Linear(patch_dim, dim, key=embed_key)
+        self.trunk = SetTransformer(
+            num_patches=num_patches,
+            dim=dim,
+            depth=depth,
+            num_heads=num_heads,
+            head_dim=head_dim,
+            mlp_dim=mlp_dim,
+            hdim=hdim,
+            pooling=pooling,
+            dropout=dropout,
+            time_token=time_token,
+            time_dim=time_dim,
+            locality=True,
+            key=trunk_key,
+        )
+        self.patch_size = patch_size
+
+    def patch_tokens(self, x_set: Float[Array, "m c h w"]) -> Float[Array, "m p dim"]:
+        """Shifted Patch Tokenization of each image: shift, patchify, LayerNorm, linear."""
+        shift = max(1, self.patch_size // 2)
+
+        def embed(x: Float[Array, "c h w"]) -> Float[Array, "p dim"]:
+            patches = patchify(shifted_patch_input(x, shift), self.patch_size)
+            return apply_tokens(self.patch_embed, apply_tokens(self.patch_norm, patches))
+
+        return jax.vmap(embed)(x_set)
+
+
+def encoder_attention_layout(num_images: int, num_patches: int, time_token: bool) -> np.ndarray:
+    """For each token of the encoder's sequence, the image it comes from (-1 for special tokens).
+
+    Lets attention maps from `AbstractSetEncoder.encode` be drawn per image.
+    """
+    special = np.full((2 if time_token else 1,), -1)
+    return np.concatenate([special, np.repeat(np.arange(num_images), num_patches)])

@@ -1,0 +1,123 @@
+"""DiT: adaLN-Zero at initialisation, embeddings against numpy, conditioning modes, sizes."""
+
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jaxtyping
+import numpy as np
+import pytest
+
+from fsdm_eqx.config import ModelConfig
+from fsdm_eqx.nn.dit import (
+    DIT_SIZES,
+    DiT,
+    patchify_channels_first,
+    sincos_position_embedding,
+    unpatchify,
+)
+
+SIZE, CH, HIDDEN, DEPTH, HEADS, CTX = 8, 3, 16, 2, 2, 12
+
+
+def _dit(conditioning="film", gate_bias=0.0, out_channels=2 * CH):
+    return DiT(
+        image_size=SIZE,
+        in_channels=CH,
+        out_channels=out_channels,
+        patch_size=2,
+        hidden=HIDDEN,
+        depth=DEPTH,
+        num_heads=HEADS,
+        context_dim=CTX,
+        conditioning=conditioning,
+        gate_bias=gate_bias,
+        key=jax.random.key(0),
+    )
+
+
+def _inputs(conditioning):
+    x = jax.random.normal(jax.random.key(1), (CH, SIZE, SIZE))
+    shape = (CTX,) if conditioning == "film" else (5, CTX)
+    return x, jnp.asarray(417.0), jax.random.normal(jax.random.key(2), shape)
+
+
+@pytest.mark.parametrize("conditioning", ["film", "lag"])
+def test_adaln_zero_blocks_are_identity_and_output_is_zero(conditioning):
+    dit = _dit(conditioning)
+    x, t, ctx = _inputs(conditioning)
+
+    @eqx.filter_jit
+    def run(dit, x, t, ctx):
+        tokens, c, ctx_tokens = dit.embed(x, t, ctx)
+        outs = [block(tokens, c, ctx_tokens) for block in dit.blocks]
+        return tokens, outs, dit(x, t, ctx)
+
+    tokens, outs, y = run(dit, x, t, ctx)
+    assert np.abs(np.asarray(tokens)).max() > 0
+    for out in outs:
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(tokens))
+    assert y.shape == (2 * CH, SIZE, SIZE) and y.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(y), 0.0)
+
+
+def test_gate_bias_warm_start_makes_blocks_act():
+    dit = _dit("film", gate_bias=0.5)
+    x, t, ctx = _inputs("film")
+    tokens, c, _ = dit.embed(x, t, ctx)
+    out = dit.blocks[0](tokens, c)
+    assert not np.allclose(np.asarray(out), np.asarray(tokens))
+
+
+def test_conditioning_shapes_are_checked():
+    x, t, ctx = _inputs("film")
+    with pytest.raises(ValueError, match="LAG conditioning takes context tokens"):
+        _dit("lag")(x, t, ctx)
+    with pytest.raises(ValueError, match="FiLM conditioning takes one context vector"):
+        _dit("film")(x, t, jnp.zeros((4, CTX)))
+    with pytest.raises(jaxtyping.TypeCheckError):
+        _dit("film")(x[0], t, ctx)
+    with pytest.raises(ValueError, match="does not divide"):
+        DiT(image_size=9, patch_size=2, context_dim=4, key=jax.random.key(0))
+
+
+def test_sincos_matches_formula():
+    dim, grid = 8, 3
+    emb = sincos_position_embedding(dim, grid)
+    assert emb.shape == (grid * grid, dim)
+    for idx in range(grid * grid):
+        row, col = divmod(idx, grid)
+        ref = []
+        for pos in (row, col):
+            freqs = [10000 ** (-k / (dim // 4)) for k in range(dim // 4)]
+            ref += [math.sin(pos * f) for f in freqs] + [math.cos(pos * f) for f in freqs]
+        np.testing.assert_allclose(emb[idx], ref, rtol=1e-6, atol=1e-6)
+
+
+def test_unpatchify_inverts_patchify():
+    x = jnp.arange(CH * SIZE * SIZE, dtype=jnp.float32).reshape(CH, SIZE, SIZE)
+    np.testing.assert_array_equal(np.asarray(unpatchify(patchify_channels_first(x, 2), 2, CH)), x)
+
+
+def test_parameter_count_matches_closed_form():
+    dit = _dit("lag", out_channels=CH)
+    d, p = HIDDEN, 2
+    block = (4 * d * d + 4 * d) + (8 * d * d + 5 * d) + (6 * d * d + 6 * d)
+    cross = 4 * d * d + 4 * d
+    expected = (
+        (p * p * CH * d + d)
+        + (256 * d + d + d * d + d)
+        + (CTX * d + d)
+        + DEPTH * (block + cross)
+        + (2 * d * d + 2 * d + d * p * p * CH + p * p * CH)
+    )
+    leaves = jax.tree.leaves(eqx.filter(dit, eqx.is_inexact_array))
+    assert sum(leaf.size for leaf in leaves) == expected
+
+
+def test_named_sizes_agree_with_config():
+    for name, dims in DIT_SIZES.items():
+        assert ModelConfig(dit_size=name).dit_dims == dims
+    assert DIT_SIZES["S"] == (384, 12, 6) and DIT_SIZES["B"] == (768, 12, 12)
+    assert ModelConfig(dit_size="S", dit_depth=4).dit_dims == (384, 4, 6)

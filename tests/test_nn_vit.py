@@ -1,0 +1,122 @@
+"""Set encoders: shapes, pooling, permutation invariance, timestep token, Shifted Patch Tokens."""
+
+import jax
+import jax.numpy as jnp
+import jaxtyping
+import numpy as np
+import pytest
+
+from fsdm_eqx.nn import SetViTEncoder, ViTSetEncoder
+from fsdm_eqx.nn.vit import POOLINGS, encoder_attention_layout, patchify, shifted_patch_input
+
+SIZE, CH, PATCH, HDIM = 8, 3, 4, 16
+
+
+def _encoder(kind, pooling, *, time_token=False, dropout=0.0, seed=0):
+    cls = ViTSetEncoder if kind == "vit" else SetViTEncoder
+    return cls(
+        image_size=SIZE,
+        channels=CH,
+        patch_size=PATCH,
+        dim=12,
+        depth=2,
+        num_heads=2,
+        head_dim=6,
+        mlp_dim=24,
+        hdim=HDIM,
+        pooling=pooling,
+        dropout=dropout,
+        time_token=time_token,
+        time_dim=8,
+        key=jax.random.key(seed),
+    )
+
+
+@pytest.fixture(scope="module")
+def x_set():
+    return jax.random.uniform(jax.random.key(7), (3, CH, SIZE, SIZE), minval=-1.0, maxval=1.0)
+
+
+@pytest.mark.parametrize("kind", ["vit", "svit"])
+def test_pooling_shapes_and_permutation_invariance(kind, x_set):
+    perm = np.array([2, 0, 1])
+    for pooling in POOLINGS:
+        enc = _encoder(kind, pooling)
+        out, weights = enc.encode(x_set, inference=True)
+        expected = (HDIM,) if pooling != "mean_patch" else ((SIZE // PATCH) ** 2, HDIM)
+        assert out.shape == expected and out.dtype == jnp.float32
+        n = 1 + x_set.shape[0] * (SIZE // PATCH) ** 2
+        assert weights.shape == (2, 2, n, n)
+        permuted = enc(x_set[perm], inference=True)
+        np.testing.assert_allclose(np.asarray(permuted), np.asarray(out), rtol=1e-5, atol=1e-5)
+
+
+def test_set_size_is_free_and_order_matters_only_within_images(x_set):
+    enc = _encoder("vit", "mean")
+    assert enc(x_set[:1], inference=True).shape == (HDIM,)
+    assert enc(x_set, inference=True).shape == (HDIM,)
+    # flipping an image changes the context: positions are per patch, not per set member
+    flipped = x_set.at[0].set(x_set[0, :, ::-1])
+    assert not np.allclose(np.asarray(enc(flipped, inference=True)), np.asarray(enc(x_set)))
+
+
+def test_timestep_token(x_set):
+    enc = _encoder("vit", "cls", time_token=True)
+    a = enc(x_set, jnp.asarray(10.0), inference=True)
+    b = enc(x_set, jnp.asarray(500.0), inference=True)
+    assert not np.allclose(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="timestep token"):
+        enc(x_set, inference=True)
+    plain = _encoder("vit", "cls")
+    with pytest.raises(ValueError, match="no timestep token"):
+        plain(x_set, jnp.asarray(1.0), inference=True)
+    _, weights = enc.encode(x_set, jnp.asarray(3.0), inference=True)
+    layout = encoder_attention_layout(3, (SIZE // PATCH) ** 2, time_token=True)
+    assert weights.shape[-1] == layout.shape[0]
+
+
+def test_dropout_is_used_in_training(x_set):
+    enc = _encoder("svit", "mean", dropout=0.5)
+    a = enc(x_set, key=jax.random.key(1))
+    b = enc(x_set, key=jax.random.key(2))
+    assert not np.allclose(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(
+        np.asarray(enc(x_set, inference=True)), np.asarray(enc(x_set, inference=True))
+    )
+
+
+def test_wrong_shapes_are_rejected(x_set):
+    enc = _encoder("vit", "mean")
+    with pytest.raises(jaxtyping.TypeCheckError):
+        enc(x_set[0], inference=True)
+    with pytest.raises(ValueError, match="does not divide"):
+        ViTSetEncoder(
+            image_size=10,
+            channels=3,
+            patch_size=4,
+            dim=8,
+            depth=1,
+            num_heads=1,
+            head_dim=8,
+            mlp_dim=8,
+            hdim=8,
+            key=jax.random.key(0),
+        )
+
+
+def test_patchify_and_shifts_match_numpy():
+    x = np.arange(2 * 4 * 4, dtype=np.float32).reshape(2, 4, 4)
+    patches = np.asarray(patchify(jnp.asarray(x), 2))
+    # patch (row 1, col 0) flattened as (p, p, c)
+    np.testing.assert_array_equal(patches[2], x[:, 2:4, 0:2].transpose(1, 2, 0).reshape(-1))
+    shifted = np.asarray(shifted_patch_input(jnp.asarray(x), 1))
+    assert shifted.shape == (10, 4, 4)
+    np.testing.assert_array_equal(shifted[:2], x)
+    for i, (dy, dx) in enumerate(((-1, -1), (-1, 1), (1, -1), (1, 1))):
+        ref = np.zeros_like(x)
+        for r in range(4):
+            for c in range(4):
+                rr, cc = r + dy, c + dx
+                if 0 <= rr < 4 and 0 <= cc < 4:
+                    ref[:, r, c] = x[:, rr, cc]
+        np.testing.assert_array_equal(shifted[2 * (i + 1) : 2 * (i + 2)], ref)
