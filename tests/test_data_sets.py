@@ -238,6 +238,7 @@ def test_real_cifar_fc100_sampler() -> None:
             np.testing.assert_allclose(sets, _reference_float(data.images[index]), atol=1.2e-7)
     episodes = sampler.evaluation(num_sets=10)
     assert len(episodes) == 20 and episodes[0].rest.shape == (120, 3, 32, 32)
+    assert sampler.evaluation(num_sets=2, ns=3)[0].support.shape == (2, 3, 3, 32, 32)
     reference = load_cifar100(path)
     np.testing.assert_array_equal(reference.labels[episodes[0].rest_indices], episodes[0].label)
     with pytest.raises(ValueError, match="multiple of the host count"):

@@ -95,8 +95,8 @@ class SetSampler:
         - `flips`: random flips of whole sets (training augmentation).
         - `host_index`, `host_count`: this host's place in a multi-host run.
         - `prefetch`: batches prepared ahead by `stream`'s background threads (0: none).
-        - `workers`: background threads preparing them (numpy releases the GIL while it copies
-            and converts pixels, so threads scale on a many-core host).
+        - `workers`: background threads preparing them; more than one helps only on a host with
+            idle cores (numpy releases the GIL in its array loops, not in the Python between).
         """
         if images.shape[0] != labels.shape[0]:
             raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels were given.")
@@ -203,11 +203,14 @@ class SetSampler:
     def __iter__(self) -> Iterator[Batch]:
         return iter(self.stream())
 
-    def evaluation(self, num_sets: int | None = None, seed: int = 0) -> tuple[EvaluationClass, ...]:
-        """Fixed evaluation sets for every class of this sampler (see `evaluation_sets`)."""
+    def evaluation(
+        self, num_sets: int | None = None, seed: int = 0, ns: int | None = None
+    ) -> tuple[EvaluationClass, ...]:
+        """Fixed evaluation sets for every class of this sampler (see `evaluation_sets`); `ns`
+        defaults to the sampler's."""
         return evaluation_sets(
-            self.images, self.labels, self.classes.tolist(), ns=self.ns, num_sets=num_sets,
-            seed=seed,
+            self.images, self.labels, self.classes.tolist(), ns=ns or self.ns,
+            num_sets=num_sets, seed=seed,
         )  # fmt: skip
 
 
