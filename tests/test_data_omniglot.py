@@ -3,6 +3,8 @@ official small subsets and one-shot runs in ../shared."""
 
 import hashlib
 import io
+import urllib.error
+import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -107,6 +109,32 @@ def test_damaged_zips(
     with pytest.raises(DataError) as info:
         load_omniglot(("background",), data_dir=tmp_path)
     assert "images_background.zip" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_download_into_cache_and_offline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, drawings: dict[str, np.ndarray]
+) -> None:
+    archive = _zip({n: _png(d) for n, d in drawings.items()})
+    monkeypatch.setitem(
+        omniglot_module.CHECKSUMS, "background", ("md5", hashlib.md5(archive).hexdigest())
+    )
+    urls: list[str] = []
+
+    def opener(url: str, timeout: float) -> io.BytesIO:
+        urls.append(url)
+        if len(urls) > 1:
+            raise urllib.error.URLError("network is unreachable")
+        return io.BytesIO(archive)
+
+    monkeypatch.setattr(urllib.request, "urlopen", opener)
+    data = load_omniglot(("background",), cache_dir=tmp_path)
+    assert len(data) == 12 and urls == [omniglot_module.BASE_URLS[0] + "images_background.zip"]
+    assert (tmp_path / "images_background.zip").read_bytes() == archive
+    with pytest.raises(DataError) as info:
+        load_omniglot(("evaluation",), cache_dir=tmp_path)
+    message = str(info.value)
+    assert "images_evaluation.zip" in message and "--data-dir" in message and "\n" not in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images_background.zip"]
 
 
 def test_missing_zip_and_offline(tmp_path: Path) -> None:
