@@ -301,7 +301,8 @@ def read_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
         ) from None
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
         raise InceptionWeightsError(
-            f"{path} is not a readable .npz ({e}); delete it and {_fix_hint()}."
+            f"{path} is not a readable .npz ({e}); delete it and retry (without "
+            f"inception_weights the weights are downloaded again), or {_fix_hint()}."
         ) from None
 
 
