@@ -14,11 +14,20 @@ from .dit import (
     DiTBlock as DiTBlock,
     sincos_position_embedding as sincos_position_embedding,
 )
+from .fsdm import (
+    FSDM as FSDM,
+    SetContext as SetContext,
+    build_denoiser as build_denoiser,
+    build_encoder as build_encoder,
+    count_parameters as count_parameters,
+    leave_one_out_indices as leave_one_out_indices,
+)
 from .posterior import (
     GaussianPosterior as GaussianPosterior,
     gaussian_kl as gaussian_kl,
     reparameterize as reparameterize,
 )
+from .unet import UNet as UNet
 from .vit import (
     AbstractSetEncoder as AbstractSetEncoder,
     SetViTEncoder as SetViTEncoder,

@@ -1,0 +1,336 @@
+"""The few-shot diffusion model: set encoder, optional Gaussian posterior and denoiser.
+
+Training sees sets of ``ns`` images of one class. Each image ``x_i`` is denoised conditioned on
+the context of the other images, ``c_i = Enc(X \\ {x_i})`` (leave-one-out), so the model learns
+to generate a new member of a set from the rest. All ``ns`` contexts come from one vectorised
+pass: the ``ns`` subsets are gathered into one array and the encoder is vmapped over them.
+
+With a variational context (VFSDDPM) the encoder output is mapped to a Gaussian posterior
+q(c_i | X \\ {x_i}), ``c_i`` is sampled by reparameterisation and the KL to N(0, I) is added to the
+loss. Every leave-one-out context adds its own KL: the loss is
+``mean_i [L_diffusion(x_i | c_i) + KL_i]``, with ``KL_i`` the mean per-dimension KL in bits
+(`klc`). The reference code adds only the KL of the last context it computed, once per set,
+then divides the set's loss by ``ns``, so its KL weight is ``1 / ns`` of this one. At sampling
+time the posterior mean is the context.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from .. import diffusion
+from ..config import DiffusionConfig, ModelConfig
+from ..diffusion import Schedule
+from .attention import split_key
+from .denoiser import AbstractDenoiser
+from .dit import DiT
+from .posterior import GaussianPosterior, gaussian_kl, reparameterize
+from .unet import UNet
+from .vit import AbstractSetEncoder, Context, SetViTEncoder, ViTSetEncoder
+
+
+class SetContext(NamedTuple):
+    """A context and, for a variational model, the posterior it was drawn from."""
+
+    c: Array
+    """The context the denoiser sees: `(hdim,)` or `(patches, hdim)`, with a leading `ns` axis
+    for leave-one-out contexts."""
+    mu: Array | None
+    """The posterior mean (None for a deterministic context)."""
+    logvar: Array | None
+    """The posterior log-variance (None for a deterministic context)."""
+
+
+def leave_one_out_indices(ns: int) -> np.ndarray:
+    """Row ``i`` lists the indices of the set without ``i``: an ``(ns, ns - 1)`` integer array."""
+    cols = np.arange(ns - 1)[None, :]
+    return cols + (cols >= np.arange(ns)[:, None])
+
+
+def build_encoder(config: ModelConfig, *, key: PRNGKeyArray) -> AbstractSetEncoder:
+    """The set encoder `config` describes."""
+    cls = ViTSetEncoder if config.encoder == "vit" else SetViTEncoder
+    return cls(
+        image_size=config.image_size,
+        channels=config.channels,
+        patch_size=config.encoder_patch_size,
+        dim=config.hdim,
+        depth=config.encoder_depth,
+        num_heads=config.encoder_heads,
+        head_dim=config.encoder_head_dim,
+        mlp_dim=config.encoder_mlp_dim,
+        hdim=config.hdim,
+        pooling=config.pooling,
+        dropout=config.encoder_dropout,
+        time_token=config.encoder_time_token,
+        key=key,
+    )
+
+
+def build_denoiser(config: ModelConfig, *, key: PRNGKeyArray) -> AbstractDenoiser:
+    """The denoiser (DiT or UNet) `config` describes, conditioned on contexts of size `hdim`."""
+    if config.denoiser == "dit":
+        hidden, depth, heads = config.dit_dims
+        return DiT(
+            image_size=config.image_size,
+            in_channels=config.channels,
+            out_channels=config.out_channels,
+            patch_size=config.dit_patch_size,
+            hidden=hidden,
+            depth=depth,
+            num_heads=heads,
+            context_dim=config.hdim,
+            conditioning=config.conditioning,
+            gate_bias=config.dit_gate_bias,
+            key=key,
+        )
+    return UNet(
+        in_channels=config.channels,
+        model_channels=config.unet_model_channels,
+        out_channels=config.out_channels,
+        num_res_blocks=config.unet_num_res_blocks,
+        attention_resolutions=config.unet_attention_resolutions,
+        channel_mult=config.unet_channel_mult,
+        num_heads=config.unet_num_heads,
+        dropout=config.unet_dropout,
+        context_dim=config.hdim,
+        conditioning=config.conditioning,
+        image_size=config.image_size,
+        key=key,
+    )
+
+
+class FSDM(eqx.Module):
+    """Few-shot diffusion model: ``encoder`` -> optional ``posterior`` -> ``denoiser``."""
+
+    encoder: AbstractSetEncoder
+    posterior: GaussianPosterior | None
+    denoiser: AbstractDenoiser
+    image_shape: tuple[int, int, int] = eqx.field(static=True)
+    time_token: bool = eqx.field(static=True)
+    learned_variance: bool = eqx.field(static=True)
+
+    def __init__(self, config: ModelConfig, *, key: PRNGKeyArray):
+        """**Arguments:**
+        - `config`: the networks' configuration.
+        - `key`: initialisation randomness.
+        """
+        enc_key, post_key, den_key = jax.random.split(key, 3)
+        self.encoder = build_encoder(config, key=enc_key)
+        self.posterior = (
+            GaussianPosterior(config.hdim, key=post_key) if config.variational else None
+        )
+        self.denoiser = build_denoiser(config, key=den_key)
+        self.image_shape = (config.channels, config.image_size, config.image_size)
+        self.time_token = config.encoder_time_token
+        self.learned_variance = config.learned_variance
+
+    def _check_images(self, x: Array, what: str) -> None:
+        if x.ndim != 4 or tuple(x.shape[1:]) != self.image_shape:
+            raise ValueError(
+                f"{what} must have shape (n, c, h, w) with (c, h, w) = {self.image_shape}, got "
+                f"{tuple(x.shape)}; pass images channels first at the configured size."
+            )
+
+    def _check_diffusion(self, config: DiffusionConfig) -> None:
+        if config.learned_variance != self.learned_variance:
+            raise ValueError(
+                f"DiffusionConfig.variance={config.variance!r} does not fit a model built with "
+                f"ModelConfig.learned_variance={self.learned_variance}; use variance="
+                f"{'learned_range' if self.learned_variance else 'fixed_small or fixed_large'!r} "
+                "or rebuild the model."
+            )
+
+    def context(
+        self,
+        x_set: Float[Array, "m c h w"],
+        t: Float[Array, ""] | None = None,
+        *,
+        key: PRNGKeyArray | None = None,
+        inference: bool = False,
+    ) -> SetContext:
+        """The context of one set (any number of images).
+
+        **Arguments:**
+        - `x_set`: the images, channels first.
+        - `t`: the diffusion timestep, when the encoder has a timestep token.
+        - `key`: dropout and posterior-sampling randomness; needed unless `inference`.
+        - `inference`: no dropout, and the posterior mean instead of a sample.
+
+        **Returns:** the context, with the posterior's mean and log-variance when variational.
+        """
+        enc_key, post_key = split_key(key, 2)
+        h = self.encoder(x_set, t, key=enc_key, inference=inference)
+        if self.posterior is None:
+            return SetContext(h, None, None)
+        mu, logvar = self.posterior(h) if h.ndim == 1 else jax.vmap(self.posterior)(h)
+        if inference:
+            return SetContext(mu, mu, logvar)
+        if post_key is None:
+            raise ValueError("a variational context is sampled in training: pass a key.")
+        return SetContext(reparameterize(mu, logvar, key=post_key), mu, logvar)
+
+    def leave_one_out_context(
+        self,
+        x_set: Float[Array, "ns c h w"],
+        t: Float[Array, " ns"] | None = None,
+        *,
+        key: PRNGKeyArray | None = None,
+        inference: bool = False,
+    ) -> SetContext:
+        """The ``ns`` contexts ``c_i = Enc(X \\ {x_i})`` of a set, in one vectorised pass.
+
+        **Arguments:**
+        - `x_set`: the set, `ns >= 2` images, channels first.
+        - `t`: per-image diffusion timesteps for an encoder with a timestep token (context `i`
+          sees `t[i]`, the timestep of the image it conditions); None otherwise.
+        - `key`: dropout and posterior-sampling randomness; needed unless `inference`.
+        - `inference`: no dropout, and posterior means instead of samples.
+
+        **Returns:** the contexts (and posterior parameters), each with a leading `ns` axis.
+        """
+        self._check_images(x_set, "x_set")
+        ns = x_set.shape[0]
+        if ns < 2:
+            raise ValueError(f"a leave-one-out context needs a set of at least 2 images, got {ns}.")
+        subsets = x_set[leave_one_out_indices(ns)]
+        keys = None if key is None else jax.random.split(key, ns)
+
+        def one(
+            subset: Float[Array, "m c h w"], ti: Float[Array, ""] | None, k: PRNGKeyArray | None
+        ) -> SetContext:
+            return self.context(subset, ti, key=k, inference=inference)
+
+        return jax.vmap(one)(subsets, t, keys)
+
+    def loss(
+        self,
+        x_set: Float[Array, "ns c h w"],
+        *,
+        key: PRNGKeyArray,
+        diffusion_config: DiffusionConfig,
+        schedule: Schedule,
+        inference: bool = False,
+    ) -> dict[str, Array]:
+        """The training loss of one set (vmap over sets outside).
+
+        Each image draws its own timestep and noise and is denoised given its leave-one-out
+        context.
+
+        **Arguments:**
+        - `x_set`: the set, `ns >= 2` images in [-1, 1], channels first.
+        - `key`: timesteps, noise, dropout and posterior samples.
+        - `diffusion_config`: the loss and variance settings.
+        - `schedule`: the training schedule.
+        - `inference`: no dropout and posterior means (for evaluation).
+
+        **Returns:** scalars `loss` (`mean_i(diffusion loss_i + klc_i)`), `mse`, `vb` (bits per
+        dimension of the sampled L_t), `klc` (mean KL of the contexts to N(0, I), bits per
+        dimension; 0 when deterministic), and the arrays `context` (`(ns, ...)`), plus
+        `context_mu` and `context_logvar` when variational.
+        """
+        self._check_diffusion(diffusion_config)
+        self._check_images(x_set, "x_set")
+        ns = x_set.shape[0]
+        t_key, ctx_key, noise_key, drop_key = jax.random.split(key, 4)
+        t = jax.random.randint(t_key, (ns,), 0, schedule.num_steps)
+        t_model = schedule.timesteps[t].astype(x_set.dtype) if self.time_token else None
+        ctx = self.leave_one_out_context(x_set, t_model, key=ctx_key, inference=inference)
+
+        def one(
+            x: Float[Array, "c h w"],
+            c: Context,
+            ti: Array,
+            k_noise: PRNGKeyArray,
+            k_drop: PRNGKeyArray,
+        ) -> dict[str, Float[Array, ""]]:
+            def model_fn(x_t: Float[Array, "c h w"], tt: Float[Array, ""]) -> Array:
+                return self.denoiser(x_t, tt, c, key=k_drop, inference=inference)
+
+            return diffusion.training_losses(
+                model_fn, schedule, x, key=k_noise, config=diffusion_config, t=ti
+            )
+
+        losses = jax.vmap(one)(
+            x_set, ctx.c, t, jax.random.split(noise_key, ns), jax.random.split(drop_key, ns)
+        )
+        metrics: dict[str, Array] = {
+            "mse": jnp.mean(losses["mse"]),
+            "vb": jnp.mean(losses["vb"]),
+            "context": ctx.c,
+        }
+        if ctx.mu is not None and ctx.logvar is not None:
+            zeros = jnp.zeros_like(ctx.mu)
+            kl = gaussian_kl(ctx.mu, ctx.logvar, zeros, zeros)
+            klc = jnp.mean(kl.reshape(ns, -1), axis=1) / math.log(2.0)
+            metrics["context_mu"] = ctx.mu
+            metrics["context_logvar"] = ctx.logvar
+        else:
+            klc = jnp.zeros((ns,), x_set.dtype)
+        metrics["klc"] = jnp.mean(klc)
+        metrics["loss"] = jnp.mean(losses["loss"] + klc)
+        return metrics
+
+    def sample(
+        self,
+        support: Float[Array, "m c h w"],
+        num: int,
+        *,
+        key: PRNGKeyArray,
+        diffusion_config: DiffusionConfig,
+    ) -> Float[Array, "num c h w"]:
+        """Generate ``num`` new images of the class of ``support``.
+
+        The context is the support set's (posterior mean, no dropout); with a timestep token it is
+        recomputed at every step of the sampler.
+
+        **Arguments:**
+        - `support`: the conditioning set, any number of images in [-1, 1], channels first.
+        - `num`: how many images to generate.
+        - `key`: the starting noise and the sampler's randomness.
+        - `diffusion_config`: the sampler, its steps and the variance.
+
+        **Returns:** the images, channels first.
+        """
+        self._check_diffusion(diffusion_config)
+        self._check_images(support, "support")
+        noise_key, sample_key = jax.random.split(key)
+        x_T = jax.random.normal(noise_key, (num, *self.image_shape), support.dtype)
+        fixed = None if self.time_token else self.context(support, inference=True).c
+
+        def model_fn(x_t: Float[Array, "c h w"], t: Float[Array, ""]) -> Array:
+            c = self.context(support, t, inference=True).c if fixed is None else fixed
+            return self.denoiser(x_t, t, c, inference=True)
+
+        def one(x: Float[Array, "c h w"], k: PRNGKeyArray) -> Float[Array, "c h w"]:
+            return diffusion.sample(model_fn, x, key=k, config=diffusion_config)
+
+        return jax.vmap(one)(x_T, jax.random.split(sample_key, num))
+
+
+def count_parameters(model: eqx.Module) -> dict[str, int]:
+    """Trainable parameters (floating-point array entries) in each top-level field of ``model``.
+
+    For an `FSDM`: ``{"encoder": ..., "posterior": ..., "denoiser": ...}`` (0 for a missing
+    posterior). Fixed buffers computed on the fly (DiT's sin-cos positions) are not parameters.
+
+    **Arguments:**
+    - `model`: any Equinox module.
+
+    **Returns:** the count per non-static field, in declaration order.
+    """
+    counts: dict[str, int] = {}
+    for field in dataclasses.fields(model):
+        if field.metadata.get("static", False):
+            continue
+        leaves = jax.tree.leaves(eqx.filter(getattr(model, field.name), eqx.is_inexact_array))
+        counts[field.name] = int(sum(leaf.size for leaf in leaves))
+    return counts

@@ -1,0 +1,194 @@
+"""FSDM: leave-one-out contexts, the per-set loss, compiling once, overfitting, sampling.
+
+All tests share the `smoke` preset (16x16 images, ns = 4) and a few jitted functions built once
+per module, since compilation dominates on a CPU.
+"""
+
+import dataclasses
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from fsdm_eqx import diffusion
+from fsdm_eqx.config import DiffusionConfig, model_preset
+from fsdm_eqx.nn import FSDM, count_parameters, leave_one_out_indices
+from tests.conftest import shared_path
+
+CONFIG = model_preset("smoke")
+NS, SHAPE = CONFIG.ns, (CONFIG.channels, CONFIG.image_size, CONFIG.image_size)
+DIFFUSION = DiffusionConfig(num_steps=100, sampling_steps=4, sampler="ddim")
+OVERFIT_STEPS, OVERFIT_FACTOR = 150, 2.0
+
+
+@pytest.fixture(scope="module")
+def model():
+    return FSDM(CONFIG, key=jax.random.key(0))
+
+
+@pytest.fixture(scope="module")
+def schedule():
+    return diffusion.make_schedule(DIFFUSION.schedule, DIFFUSION.num_steps)
+
+
+@pytest.fixture(scope="module")
+def loss_fn(schedule):
+    """The jitted per-set loss, with a counter of how many times it was traced."""
+    traces = []
+
+    @eqx.filter_jit
+    def loss(model, x_set, key):
+        traces.append(1)
+        return model.loss(x_set, key=key, diffusion_config=DIFFUSION, schedule=schedule)
+
+    return loss, traces
+
+
+def _random_set(seed, shape=(NS, *SHAPE)):
+    return jax.random.uniform(jax.random.key(seed), shape, minval=-1.0, maxval=1.0)
+
+
+def test_leave_one_out_indices():
+    idx = leave_one_out_indices(4)
+    assert idx.tolist() == [[1, 2, 3], [0, 2, 3], [0, 1, 3], [0, 1, 2]]
+
+
+@pytest.mark.parametrize("kind", ["vit-film-variational", "svit-lag-deterministic"])
+def test_leave_one_out_gradient_and_permutation_invariance(kind):
+    if kind == "vit-film-variational":
+        config = CONFIG
+    else:
+        config = dataclasses.replace(
+            CONFIG, encoder="svit", pooling="mean_patch", conditioning="lag", variational=False
+        )
+    model = FSDM(config, key=jax.random.key(1))
+    x_set = _random_set(2)
+    perm = jnp.array([2, 0, 3, 1])
+
+    @eqx.filter_jit
+    def run(model, x_set, x_perm, key):
+        def train_c(x):
+            return model.leave_one_out_context(x, key=key).c
+
+        def eval_c(x):
+            return model.leave_one_out_context(x, inference=True).c
+
+        grads = []
+        for fn in (train_c, eval_c):
+            # VJPs with random cotangents on one context at a time: row i of the result is
+            # d(w_i . c_i)/d x_set, for random w_i
+            c, vjp = jax.vjp(fn, x_set)
+            mask = jnp.eye(NS).reshape(NS, NS, *([1] * (c.ndim - 1)))
+            cotangents = jax.random.normal(jax.random.key(9), (NS, *c.shape)) * mask
+            grads.append(jax.vmap(lambda ct, vjp=vjp: vjp(ct)[0])(cotangents))
+        return grads, eval_c(x_set), eval_c(x_perm), model.encoder(x_set[1:])
+
+    grads, c, c_perm, direct = run(model, x_set, x_set[perm], jax.random.key(3))
+    c_shape = (NS, CONFIG.hdim) if config.conditioning == "film" else (NS, 16, CONFIG.hdim)
+    assert c.shape == c_shape and c.dtype == jnp.float32
+    for grad in grads:
+        grad = np.asarray(grad)
+        for i in range(NS):
+            assert np.all(grad[i, i] == 0.0), f"c_{i} depends on x_{i}"
+            for j in range(NS):
+                if j != i:
+                    assert np.abs(grad[i, j]).max() > 0.0, f"c_{i} ignores x_{j}"
+    # contexts follow their image under a permutation of the set
+    np.testing.assert_allclose(np.asarray(c_perm), np.asarray(c)[np.asarray(perm)], atol=1e-5)
+    # c_0 is the encoding of the other images (posterior mean when variational)
+    if model.posterior is not None:
+        direct = model.posterior(direct)[0]
+    np.testing.assert_allclose(np.asarray(c[0]), np.asarray(direct), rtol=1e-5, atol=1e-5)
+
+
+def test_loss_metrics_and_compiles_once(model, loss_fn):
+    loss_fn, traces = loss_fn
+    outs = [loss_fn(model, _random_set(10 + i), jax.random.key(i)) for i in range(3)]
+    assert len(traces) == 1
+    out = outs[0]
+    for name in ("loss", "mse", "vb", "klc"):
+        assert out[name].shape == () and bool(jnp.isfinite(out[name]))
+    assert out["context"].shape == (NS, CONFIG.hdim)
+    assert out["context_mu"].shape == out["context_logvar"].shape == (NS, CONFIG.hdim)
+    assert float(out["klc"]) > 0.0
+    # klc is the mean per-dimension KL to N(0, I) in bits, over every leave-one-out context
+    mu, logvar = np.asarray(out["context_mu"], np.float64), np.asarray(out["context_logvar"])
+    ref = np.mean(0.5 * (mu**2 + np.exp(logvar) - 1.0 - logvar)) / np.log(2.0)
+    np.testing.assert_allclose(float(out["klc"]), ref, rtol=1e-4)
+    # the loss is the hybrid loss of every image plus the KL
+    assert float(out["loss"]) > float(out["mse"])
+    assert not np.allclose(float(outs[0]["loss"]), float(outs[1]["loss"]))
+
+
+def test_bad_inputs_give_clear_errors(model, schedule):
+    with pytest.raises(ValueError, match="variance"):
+        model.loss(
+            _random_set(0),
+            key=jax.random.key(0),
+            diffusion_config=DiffusionConfig(variance="fixed_small", loss="mse"),
+            schedule=schedule,
+        )
+    with pytest.raises(ValueError, match="channels first"):
+        model.leave_one_out_context(jnp.zeros((NS, 16, 16, 3)), inference=True)
+    with pytest.raises(ValueError, match="at least 2"):
+        model.leave_one_out_context(jnp.zeros((1, *SHAPE)), inference=True)
+
+
+def _cifar_set():
+    data = np.load(shared_path("data", "cifar100", "cifar100_subset.npz"))
+    images = data["images"][data["fine_labels"] == 0][:NS]  # four apples
+    x = images.astype(np.float32) / 127.5 - 1.0
+    x = x.reshape(NS, 16, 2, 16, 2, 3).mean(axis=(2, 4))  # 32x32 -> 16x16
+    return jnp.asarray(x.transpose(0, 3, 1, 2))
+
+
+def test_overfits_real_images(model, loss_fn):
+    loss_fn, _ = loss_fn
+    x_set = _cifar_set()
+    eval_keys = jax.random.split(jax.random.key(100), 16)
+
+    def eval_loss(m):
+        return float(np.mean([float(loss_fn(m, x_set, k)["loss"]) for k in eval_keys]))
+
+    optimiser = optax.adam(3e-3)
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    state = optimiser.init(params)
+
+    @eqx.filter_jit
+    def step(params, state, key):
+        def objective(p):
+            return loss_fn(eqx.combine(p, static), x_set, key)["loss"]
+
+        value, grads = jax.value_and_grad(objective)(params)
+        updates, state = optimiser.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, value
+
+    before = eval_loss(model)
+    with jax.numpy_dtype_promotion("standard"):  # optax's Adam mixes int32 counts and floats
+        for key in jax.random.split(jax.random.key(5), OVERFIT_STEPS):
+            params, state, _ = step(params, state, key)
+    trained = eqx.combine(params, static)
+    after = eval_loss(trained)
+    print(f"overfit: loss {before:.4f} -> {after:.4f} in {OVERFIT_STEPS} steps")
+    assert after < before / OVERFIT_FACTOR, (before, after)
+
+
+def test_sample_shapes(model):
+    support = _random_set(20, (3, *SHAPE))
+    run = eqx.filter_jit(lambda m, s, k: m.sample(s, 2, key=k, diffusion_config=DIFFUSION))
+    images = run(model, support, jax.random.key(0))
+    assert images.shape == (2, *SHAPE) and images.dtype == jnp.float32
+    assert bool(jnp.all(jnp.isfinite(images)))
+    assert float(jnp.max(jnp.abs(images))) <= 1.0 + 1e-5  # clip_denoised keeps x_0 in range
+
+
+def test_parameter_counts_per_subtree(model):
+    counts = count_parameters(model)
+    assert list(counts) == ["encoder", "posterior", "denoiser"]
+    leaves = jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array))
+    assert sum(counts.values()) == sum(leaf.size for leaf in leaves)
+    h = CONFIG.hdim
+    assert counts["posterior"] == (h * h + h) + (h * 2 * h + 2 * h)
