@@ -7,6 +7,7 @@ import collections
 import hashlib
 import importlib.util
 import io
+import json
 import os
 import pickle
 import struct
@@ -557,6 +558,63 @@ def test_reader_and_resize_against_torch(tmp_path: Any) -> None:
     # torch's vectorised kernel may fuse the source-coordinate multiply-add (one float32 rounding
     # fewer), which moves an interpolation weight by ~1e-6: the tolerance allows that and no more.
     np.testing.assert_allclose(got, 2 * expected["resized"][0] - 1, rtol=0, atol=1e-5)
+
+
+_TORCH_END_TO_END = r"""
+images = torch.from_numpy(np.load(sys.argv[3]))
+x = images.float() / 255
+x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+golden = np.load(sys.argv[4])["images_uint8_nhwc"]
+g = torch.from_numpy(golden).permute(0, 3, 1, 2).float()
+with torch.inference_mode():
+    feats = net((2 * x - 1).to(dev)).cpu().numpy()
+    golden_feats = net((2 * g / 255 - 1).to(dev)).cpu().numpy()
+np.savez(sys.argv[5], feats=feats, golden=golden_feats)
+"""
+
+
+def _benchmark_torch_net() -> str:
+    path = os.path.join(REPO, "benchmarks", "test_inception_throughput.py")
+    spec = importlib.util.spec_from_file_location("_inception_bench", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.TORCH_NET
+
+
+@pytest.mark.slow
+def test_cifar_sized_images_match_torch_pytorch_fid(
+    tmp_path: Any, weights_path: str, model: InceptionV3, golden: dict[str, np.ndarray]
+) -> None:
+    """End to end at 32x32 (upsampled to 299) against pytorch-fid's pipeline rebuilt in torch.
+
+    The torch network is first checked against the golden features, so it is an independent
+    reference; then 16 CIFAR-sized images go through torch's resize and network and ours.
+    """
+    python = torch_python()
+    from fsdm_eqx.metrics.inception import ARCHITECTURE
+
+    arch = tmp_path / "arch.json"
+    arch.write_text(json.dumps(ARCHITECTURE))
+    rng = np.random.default_rng(5)
+    smooth = rng.integers(0, 256, (16, 3, 8, 8)).repeat(4, axis=2).repeat(4, axis=3)
+    noise = rng.integers(-20, 21, smooth.shape)
+    images = np.clip(smooth + noise, 0, 255).astype(np.uint8)
+    np.save(tmp_path / "images.npy", images)
+    out = tmp_path / "torch.npz"
+    script = _benchmark_torch_net() + _TORCH_END_TO_END
+    golden_path = shared_path("weights", GOLDEN)
+    args = [weights_path, str(arch), str(tmp_path / "images.npy"), golden_path, str(out)]
+    subprocess.run([python, "-c", script, *args], check=True, timeout=600)
+    with np.load(out) as r:
+        torch_golden, torch_feats = r["golden"], r["feats"]
+    ref = golden[GOLDEN_KEYS["pytorch_fid"]]
+    assert np.max(np.abs(torch_golden - ref)) < 1e-4 * np.max(np.abs(ref))
+    ours = inception_features(model, images, convention="pytorch_fid", batch_size=8)
+    scale = float(np.max(np.abs(torch_feats)))
+    err = float(np.max(np.abs(ours - torch_feats)))
+    print(f"32x32 pytorch_fid end to end: max abs error {err:.3e}, relative {err / scale:.3e}")
+    assert err < 1e-4 * scale
 
 
 # --------------------------------------------------------------------------- sharding
