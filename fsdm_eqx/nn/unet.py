@@ -287,7 +287,10 @@ class UNet(AbstractDenoiser):
     ``UNet(in_channels=3, model_channels=64, out_channels=6, num_res_blocks=2,
     attention_resolutions=(16, 8), channel_mult=(1, 2, 3, 4), num_heads=4, dropout=0.2,
     context_dim=256, conditioning="film", image_size=32, key=key)``: 23,949,702 parameters, the
-    reference count exactly.
+    reference count exactly (28,335,686 with ``conditioning="lag"``, as the reference's LAG UNet).
+    Every reference layer has one counterpart here (its 1x1 convolutions are linear layers over
+    the pixel tokens), so reference weights convert one to one; as in the reference, the LAG
+    transformer blocks have no dropout.
 
     Images whose side is not a multiple of ``2 ** (len(channel_mult) - 1)`` (28x28 Omniglot or
     MNIST with four levels) are zero-padded symmetrically to the next multiple and the output is
