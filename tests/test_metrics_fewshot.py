@@ -148,3 +148,34 @@ def test_bad_input_is_explained(dataset):
         fewshot_fid(copy_support, images, labels, config=big_sets, features_fn=_pixels)
     with pytest.raises(ValueError, match="no classes"):
         fewshot_fid(copy_support, images, labels, config=CONFIG, features_fn=_pixels, classes=[])
+
+
+@pytest.mark.slow
+def test_default_features_are_the_fid_inception():
+    import warnings
+
+    from fsdm_eqx.metrics import frechet_distance, inception_features, load_inception
+    from tests.conftest import shared_path
+
+    weights = shared_path("weights", "fid_inception_v3_2015-12-05_nofc_pytorchfid_names.npz")
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(12, 3, 32, 32), dtype=np.uint8)
+    labels = np.repeat([0, 1], 6)
+    config = EvalConfig(num_sets=2, ns=3, samples_per_set=3, inception_weights=weights, seed=1)
+
+    def darker(support, key):
+        return support * 0.5 + HALF_LEVEL
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # 6 images: singular covariances
+        result = fewshot_fid(darker, images, labels, config=config)
+        model = load_inception(weights)
+        sets = draw_support_sets(labels, [0, 1], num_sets=2, ns=3, seed=1)
+        real = images[sets.indices].reshape(-1, 3, 32, 32)
+        fake = to_uint8(darker(real.astype(np.float32) / 127.5 - 1.0, None))
+        f_real = inception_features(model, real).astype(np.float64)
+        f_fake = inception_features(model, fake).astype(np.float64)
+        stats = [(f.mean(0), np.cov(f, rowvar=False)) for f in (f_fake, f_real)]
+        expected = frechet_distance(*stats[0], *stats[1])
+    assert "inception" in result.features
+    np.testing.assert_allclose(result.fid, expected, rtol=1e-6)
