@@ -142,13 +142,15 @@ def test_inception_throughput(benchmark: Any, setup: dict[str, Any]) -> None:
 
 # --------------------------------------------------------------------------- torch side
 
-_TORCH_SCRIPT = r'''
+# pytorch-fid's FID Inception in plain torch, built from an npz (argv[1]) and the architecture
+# table as JSON (argv[2]); defines `net` and `dev`. The tests reuse it for end-to-end checks.
+TORCH_NET = r'''
 import json, sys, time
 import numpy as np, torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-weights_path, x_path, arch_path = sys.argv[1], sys.argv[2], sys.argv[3]
+weights_path, arch_path = sys.argv[1], sys.argv[2]
 w = np.load(weights_path)
 arch = json.load(open(arch_path))
 dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -243,6 +245,10 @@ class Net(nn.Module):
 
 
 net = Net().eval().to(dev)
+'''
+
+_TORCH_BENCH = r"""
+x_path = sys.argv[3]
 x = torch.from_numpy(np.load(x_path)).to(dev)
 
 
@@ -265,7 +271,8 @@ for line in sys.stdin:
     t0 = time.perf_counter()
     run()
     print(time.perf_counter() - t0, flush=True)
-'''
+"""
+_TORCH_SCRIPT = TORCH_NET + _TORCH_BENCH
 
 
 def torch_python() -> str | None:
@@ -286,7 +293,7 @@ def test_inception_vs_torch(benchmark: Any, setup: dict[str, Any]) -> None:
     with open(arch_path, "w") as f:
         json.dump(ARCHITECTURE, f)
     proc = subprocess.Popen(
-        [python, "-c", _TORCH_SCRIPT, setup["weights"], x_path, arch_path],
+        [python, "-c", _TORCH_SCRIPT, setup["weights"], arch_path, x_path],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
