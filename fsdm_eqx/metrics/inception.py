@@ -535,6 +535,7 @@ def inception_features(
         model = jax.device_put(model, devices[0])
         placement = devices[0]
     out = np.empty((n, FEATURE_DIM), np.float32)
+    pending: list[tuple[int, int, Array]] = []
     for start in range(0, n, step):
         chunk = images[start : start + step]
         m = chunk.shape[0]
@@ -542,5 +543,11 @@ def inception_features(
             pad = np.zeros((step - m, *chunk.shape[1:]), np.uint8)
             chunk = np.concatenate([chunk, pad])
         x = _preprocess_batch(jax.device_put(chunk, placement), convention)
-        out[start : start + m] = np.asarray(_network(model, x))[:m]
+        pending.append((start, m, _network(model, x)))
+        # Dispatch is asynchronous: batch i+1 is queued before batch i is copied back.
+        if len(pending) > 1:
+            first, count, feats = pending.pop(0)
+            out[first : first + count] = np.asarray(feats)[:count]
+    for first, count, feats in pending:
+        out[first : first + count] = np.asarray(feats)[:count]
     return out
