@@ -179,3 +179,33 @@ def test_default_features_are_the_fid_inception():
         expected = frechet_distance(*stats[0], *stats[1])
     assert "inception" in result.features
     np.testing.assert_allclose(result.fid, expected, rtol=1e-6)
+
+
+_SHARDED = """
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+import jax
+import numpy as np
+from fsdm_eqx.metrics.fewshot import generate_for_sets
+
+def noisy(support, key):
+    return support[:2] + jax.random.normal(key, (2, *support.shape[1:]))
+
+supports = np.random.default_rng(0).normal(size=(10, 3, 1, 2, 2)).astype(np.float32)
+assert len(jax.local_devices()) == 4
+many = generate_for_sets(noisy, supports, samples_per_set=2, seed=5, batch_size=3)
+one = generate_for_sets(
+    noisy, supports, samples_per_set=2, seed=5, batch_size=3, devices=jax.devices()[:1]
+)
+print(float(np.max(np.abs(many - one))))
+"""
+
+
+def test_generation_split_over_devices_gives_the_same_samples():
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", _SHARDED], capture_output=True, text=True, timeout=300, check=True
+    )
+    assert float(out.stdout.strip().splitlines()[-1]) < 1e-6

@@ -178,34 +178,42 @@ def generate_for_sets(
     samples_per_set: int,
     seed: int,
     batch_size: int,
+    devices: Sequence[Any] | None = None,
 ) -> Float[np.ndarray, "s k c h w"]:
     """Run ``generate`` on every support set, ``batch_size`` sets per jitted, vmapped call.
 
     Set ``i`` gets the key ``fold_in(key(seed), i)`` of the threefry PRNG, whatever the default
     implementation: threefry's bits do not change under `jax.vmap` (rbg's do), so the samples of
-    a set depend neither on the batch size nor on its place in a batch. Every call has the same
-    shape (the last batch is padded), so ``generate`` compiles once.
+    a set depend neither on the batch size, nor on its place in a batch, nor on the devices.
+    Every call has the same shape (the last batch is padded), so ``generate`` compiles once.
+    With several devices, each batch is split over them along a ``data`` mesh axis.
 
     **Arguments:**
     - `generate`: one support set in [-1, 1] and a key -> ``samples_per_set`` images in [-1, 1].
     - `supports`: the support sets.
     - `samples_per_set`: how many images `generate` must return per set (checked).
     - `seed`: seed of the generation keys.
-    - `batch_size`: sets per call.
+    - `batch_size`: sets per call, rounded up to a multiple of the number of devices.
+    - `devices`: the devices to split each batch over (default: `jax.local_devices()`).
 
     **Returns:** the generated images, float32, ``(s, samples_per_set, c, h, w)``.
     """
+    devices = list(jax.local_devices() if devices is None else devices)
+    batch_size = -(-batch_size // len(devices)) * len(devices)
+    mesh = jax.sharding.Mesh(np.array(devices), ("data",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     base = jax.random.key(seed, impl="threefry2x32")
     batched = jax.jit(jax.vmap(generate))
     outputs = []
     for start in range(0, supports.shape[0], batch_size):
         chunk = supports[start : start + batch_size]
         n = chunk.shape[0]
-        ids = np.arange(start, start + batch_size)
         if n < batch_size:
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - n, axis=0)])
-        keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(ids))
-        samples = np.asarray(batched(jnp.asarray(chunk), keys), dtype=np.float32)[:n]
+        ids = jnp.arange(start, start + batch_size)
+        keys = jax.device_put(jax.vmap(lambda i: jax.random.fold_in(base, i))(ids), sharding)
+        x = jax.device_put(jnp.asarray(chunk), sharding)
+        samples = np.asarray(batched(x, keys), dtype=np.float32)[:n]
         expected = (n, samples_per_set, *supports.shape[2:])
         if samples.shape != expected:
             raise ValueError(
@@ -247,6 +255,7 @@ def fewshot_fid(
     distro: Distro = "out-distro",
     features_fn: FeatureFn | None = None,
     features_name: str | None = None,
+    devices: Sequence[Any] | None = None,
 ) -> FewShotFIDResult:
     """Few-shot FID, KID, precision/recall and per-class FID of a set-conditional generator.
 
@@ -264,6 +273,7 @@ def fewshot_fid(
     - `features_fn`: uint8 images ``(n, c, h, w)`` -> features ``(n, d)``; default the FID
       Inception (`load_inception` with ``config.inception_weights``).
     - `features_name`: the name recorded for a custom `features_fn`.
+    - `devices`: the devices generation is split over (default: `jax.local_devices()`).
 
     **Returns:** a `FewShotFIDResult` (serialises to JSON with `to_json`).
     """
@@ -290,6 +300,7 @@ def fewshot_fid(
         samples_per_set=config.samples_per_set,
         seed=config.seed,
         batch_size=config.generate_batch_size,
+        devices=devices,
     )
     fake = to_uint8(generated)
 
