@@ -27,7 +27,6 @@ from fsdm_eqx.nn.unet import (
     _ResBlock,
     _SelfAttention,
     _SpatialTransformer,
-    timestep_embedding,
 )
 from tests.conftest import shared_path
 
@@ -192,15 +191,6 @@ def np_mha(x, kv, attn, heads):
     w = softmax(q @ k.transpose(0, 2, 1) / math.sqrt(q.shape[-1]), axis=-1)
     out = (w @ v).transpose(1, 0, 2).reshape(x.shape[0], -1)
     return np_linear(out, attn.to_out)
-
-
-def test_timestep_embedding_matches_formula():
-    dim, t = 11, 123.25
-    got = np.asarray(timestep_embedding(jnp.float32(t), dim))
-    half = dim // 2
-    freqs = np.exp(-math.log(10000.0) * np.arange(half) / half)
-    want = np.concatenate([np.cos(t * freqs), np.sin(t * freqs), [0.0]])
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-5)
 
 
 def test_res_block_matches_numpy():

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ..config import check_choice, check_range
+from .attention import timestep_embedding
 from .denoiser import AbstractDenoiser
 
 Conditioning = Literal["film", "lag"]
@@ -48,29 +49,6 @@ def _zero(layer: _Layer) -> _Layer:
 def _check_int(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name}={value!r} is not allowed; it must be an int >= 1.")
-
-
-def timestep_embedding(
-    t: Float[Array, ""], dim: int, max_period: float = 10000.0
-) -> Float[Array, " dim"]:
-    """Sinusoidal embedding of a (possibly fractional) timestep, as in guided diffusion.
-
-    **Arguments:**
-    - `t`: the timestep.
-    - `dim`: the embedding width; the first half holds cosines, the second half sines, and an odd
-      width is padded with one zero.
-    - `max_period`: the longest period; frequencies run geometrically from 1 to 1/max_period.
-
-    **Returns:** the embedding, `cos(t * f_k)` then `sin(t * f_k)` with
-    `f_k = max_period ** (-k / (dim // 2))`.
-    """
-    half = dim // 2
-    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
-    args = t.astype(jnp.float32) * freqs
-    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)])
-    if dim % 2:
-        emb = jnp.concatenate([emb, jnp.zeros((1,), jnp.float32)])
-    return emb
 
 
 def _tokens(x: Float[Array, "c h w"]) -> Float[Array, "hw c"]:
