@@ -29,8 +29,12 @@ Where this implementation differs from the reference code, and why:
 - Generated images are quantised as in the reference, ``uint8(clip((x + 1) * 127.5, 0, 255))``
   (truncation, not rounding).
 - Features: the reference runs the TensorFlow Inception graph (ADM evaluator); the default here
-  is the Equinox port with the TF1 resize, which reproduces those features. Precision/recall
-  distances are float64 here, float16 (with a float32 fallback) in the reference.
+  is the Equinox port of the same network with the TF1 resize (`metrics.inception`, which
+  states its measured error against golden features). Precision/recall distances are float64
+  here, float16 (with a float32 fallback) in the reference.
+- Reported figures: the reference prints Inception Score, FID, sFID, precision and recall. IS and
+  sFID are not computed (the FID weights carry no logits layer; sFID needs the spatial
+  ``mixed_6/conv`` features); KID and the per-class FID are added.
 - Per-class FID is not in the reference; with ~500 images per class against 2048 dimensions the
   covariances are singular, so it is computed with the eigenvalue form (`frechet_distance_eig`),
   which stays real, and is comparable between models but not with the pooled FID.
