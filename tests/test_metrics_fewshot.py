@@ -209,3 +209,46 @@ def test_generation_split_over_devices_gives_the_same_samples():
         [sys.executable, "-c", _SHARDED], capture_output=True, text=True, timeout=300, check=True
     )
     assert float(out.stdout.strip().splitlines()[-1]) < 1e-6
+
+
+@pytest.mark.slow
+def test_the_fsdm_model_plugs_into_every_protocol():
+    from fsdm_eqx.config import DiffusionConfig, model_preset
+    from fsdm_eqx.metrics import fewshot_likelihood, fewshot_probe
+    from fsdm_eqx.nn import FSDM
+
+    model = FSDM(model_preset("smoke"), key=jax.random.key(0))
+    diffusion = DiffusionConfig(num_steps=10, sampling_steps=3)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(60, 3, 16, 16), dtype=np.uint8)
+    labels = np.repeat([0, 1, 2], 20)
+    config = EvalConfig(
+        num_sets=6,
+        ns=4,
+        samples_per_set=2,
+        generate_batch_size=4,
+        kid_subset_size=10,
+        kid_num_subsets=2,
+        pr_neighbours=2,
+        likelihood_sets=3,
+        likelihood_steps=4,
+        likelihood_batch_size=2,
+        sampling_steps=3,
+    )
+
+    def generate(support, key):
+        return model.sample(support, 2, key=key, diffusion_config=diffusion)
+
+    def condition(context_set):
+        c = model.context(context_set, inference=True).c
+        return lambda x_t, t: model.denoiser(x_t, t, c, inference=True)
+
+    def embed(x_set):
+        return model.context(x_set, inference=True).c
+
+    fid = fewshot_fid(generate, images, labels, config=config, features_fn=_pixels)
+    bpd = fewshot_likelihood(condition, images, labels, diffusion=diffusion, config=config)
+    probe = fewshot_probe(embed, images, labels, ns=4, num_episodes=1, queries_per_class=3)
+    assert np.isfinite(fid.fid) and fid.num_generated == 12 and fid.num_real == 24
+    assert np.isfinite(bpd.bpd) and bpd.bpd > 0 and bpd.num_images == 12
+    assert probe.num_queries == 9 and probe.confusion.sum() == 9
