@@ -8,7 +8,7 @@ import pytest
 from jaxtyping import TypeCheckError
 
 from fsdm_eqx.config import MODEL_PRESETS, ModelConfig, model_preset
-from fsdm_eqx.nn import FSDM, GaussianPosterior, build_encoder, count_parameters
+from fsdm_eqx.nn import FSDM, count_parameters
 
 # Parameter counts printed by the reference code (georgosgeorgos/few-shot-diffusion-models,
 # VFSDDPM with the vfsddpm_cifar100_vit_film_mean_sigma settings).
@@ -87,27 +87,22 @@ def _reference_vit_count(dim, depth, heads, head_dim, mlp, patch_dim, patches, t
     )
 
 
-def test_paper_encoder_and_posterior_match_reference_counts():
-    config = model_preset("paper-cifar100")
-    encoder = build_encoder(config, key=jax.random.key(0))
-    posterior = GaussianPosterior(config.hdim, key=jax.random.key(1))
-    counts = count_parameters(FSDMParts(encoder, posterior))
+@pytest.mark.parametrize("name", ["paper-cifar100", "dit-s-cifar100"])
+def test_preset_parameter_counts(name):
+    """Counted on abstract shapes (`eqx.filter_eval_shape`): nothing is allocated."""
+    config = model_preset(name)
+    model = eqx.filter_eval_shape(FSDM, config, key=jax.random.key(0))
+    counts = count_parameters(model)
     expected = _reference_vit_count(256, 6, 12, 64, 256, 3 * 8 * 8, 16, 256)
     assert expected == REFERENCE_ENCODER
     assert counts["encoder"] == REFERENCE_ENCODER
     assert counts["posterior"] == (256 * 256 + 256) + (256 * 512 + 512)
-
-
-class FSDMParts(eqx.Module):
-    """Stand-in with FSDM's first two subtrees, to count them without building the UNet."""
-
-    encoder: eqx.Module
-    posterior: eqx.Module
-
-
-@pytest.mark.slow
-def test_paper_model_matches_reference_counts():
-    model = FSDM(model_preset("paper-cifar100"), key=jax.random.key(0))
-    counts = count_parameters(model)
-    assert counts["encoder"] == REFERENCE_ENCODER
-    assert counts["denoiser"] == REFERENCE_UNET
+    if name == "paper-cifar100":
+        assert counts["denoiser"] == REFERENCE_UNET
+    else:
+        d, p = 384, 2
+        block = 18 * d * d + 15 * d  # attention 4d^2+4d, MLP 8d^2+5d, adaLN 6d^2+6d
+        embed = (p * p * 3 * d + d) + (256 * d + d + d * d + d) + (256 * d + d)
+        final = 2 * d * d + 2 * d + d * p * p * 6 + p * p * 6
+        assert counts["denoiser"] == embed + 12 * block + final
+    print(name, counts)

@@ -321,9 +321,11 @@ def count_parameters(model: eqx.Module) -> dict[str, int]:
 
     For an `FSDM`: ``{"encoder": ..., "posterior": ..., "denoiser": ...}`` (0 for a missing
     posterior). Fixed buffers computed on the fly (DiT's sin-cos positions) are not parameters.
+    Works on the output of `eqx.filter_eval_shape` too, so a large model can be counted without
+    allocating it.
 
     **Arguments:**
-    - `model`: any Equinox module.
+    - `model`: any Equinox module, or its abstract shapes.
 
     **Returns:** the count per non-static field, in declaration order.
     """
@@ -331,6 +333,12 @@ def count_parameters(model: eqx.Module) -> dict[str, int]:
     for field in dataclasses.fields(model):
         if field.metadata.get("static", False):
             continue
-        leaves = jax.tree.leaves(eqx.filter(getattr(model, field.name), eqx.is_inexact_array))
-        counts[field.name] = int(sum(leaf.size for leaf in leaves))
+        leaves = jax.tree.leaves(getattr(model, field.name))
+        counts[field.name] = sum(math.prod(leaf.shape) for leaf in leaves if _is_parameter(leaf))
     return counts
+
+
+def _is_parameter(leaf: object) -> bool:
+    if not isinstance(leaf, jax.Array | np.ndarray | jax.ShapeDtypeStruct):
+        return False
+    return bool(jnp.issubdtype(leaf.dtype, jnp.inexact))
