@@ -2,10 +2,10 @@
 conditioning, training, and the parameter count of the paper's configuration.
 
 Compilation dominates on CPU, so the network tests share one tiny UNet per conditioning mode
-(8x8 images, two levels, 32 channels) and one jitted function, ``run``, that returns the output,
-a loss and its gradients with respect to the parameters and the context: three compilations in
-all (FiLM with and without dropout, LAG without). The paper's full-size UNet is only built
-abstractly (``eqx.filter_eval_shape``) to count its parameters.
+(8x8 images, two levels, 32 channels) and one jitted training-mode function, ``run``, that returns
+the output, a loss and its gradients with respect to the parameters and the context (compiled once
+per mode); only the dropout and padding tests add inference-mode forward passes. The paper's
+full-size UNet is only built abstractly (``eqx.filter_eval_shape``) to count its parameters.
 """
 
 import math
