@@ -208,3 +208,38 @@ def test_parameter_counts_per_subtree(model):
     assert counts["posterior"] == (h * h + h) + (h * 2 * h + 2 * h)
     # the same counts from abstract shapes, without allocating
     assert counts == count_parameters(eqx.filter_eval_shape(FSDM, CONFIG, key=jax.random.key(0)))
+
+
+TIME_CONFIG = dataclasses.replace(CONFIG, encoder_time_token=True)
+
+
+def test_timestep_token_context_follows_each_images_timestep():
+    model = FSDM(TIME_CONFIG, key=jax.random.key(0))
+    x_set = _random_set(30)
+    contexts = eqx.filter_jit(lambda m, x, t: m.leave_one_out_context(x, t, inference=True).c)
+    t = jnp.array([10.0, 200.0, 300.0, 400.0])
+    a = np.asarray(contexts(model, x_set, t))
+    b = np.asarray(contexts(model, x_set, t.at[0].set(900.0)))
+    assert not np.allclose(a[0], b[0])  # c_0 sees t_0
+    np.testing.assert_array_equal(a[1:], b[1:])  # the others do not
+    with pytest.raises(ValueError, match="timestep token"):
+        model.leave_one_out_context(x_set, inference=True)
+
+
+@pytest.mark.slow
+def test_timestep_token_loss_and_sampling(schedule):
+    model = FSDM(TIME_CONFIG, key=jax.random.key(0))
+    run = eqx.filter_jit(
+        lambda m, x, k: m.loss(x, key=k, diffusion_config=DIFFUSION, schedule=schedule)
+    )
+    out = run(model, _random_set(31), jax.random.key(1))
+    assert bool(jnp.isfinite(out["loss"])) and out["context"].shape == (NS, CONFIG.hdim)
+    for sampler in ("ddpm", "ddim"):
+        config = dataclasses.replace(DIFFUSION, sampler=sampler)
+
+        @eqx.filter_jit
+        def sample(m, support, key, config=config):
+            return m.sample(support, 2, key=key, diffusion_config=config)
+
+        images = sample(model, _random_set(32, (2, *SHAPE)), jax.random.key(2))
+        assert images.shape == (2, *SHAPE) and bool(jnp.all(jnp.isfinite(images)))
