@@ -252,3 +252,18 @@ def test_the_fsdm_model_plugs_into_every_protocol():
     assert np.isfinite(fid.fid) and fid.num_generated == 12 and fid.num_real == 24
     assert np.isfinite(bpd.bpd) and bpd.bpd > 0 and bpd.num_images == 12
     assert probe.num_queries == 9 and probe.confusion.sum() == 9
+
+
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("ns", 1, r"EvalConfig.ns=1 is not allowed; it must lie in \[2, inf\]"),
+        ("likelihood_steps", 0, "EvalConfig.likelihood_steps=0 is not allowed"),
+        ("kid_subset_size", 1, "EvalConfig.kid_subset_size=1 is not allowed"),
+        ("seed", -1, "EvalConfig.seed=-1 is not allowed"),
+        ("num_sets", 0, "EvalConfig.num_sets=0 is not allowed"),
+    ],
+)
+def test_eval_config_rejects_bad_values(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        EvalConfig(**{field: value})
