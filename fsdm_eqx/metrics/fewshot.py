@@ -265,7 +265,8 @@ def fewshot_fid(
 
     **Arguments:**
     - `generate`: one support set ``(ns, c, h, w)`` in [-1, 1] and a key ->
-      ``config.samples_per_set`` images in [-1, 1]; e.g. the FSDM model's EMA sampler with
+      ``config.samples_per_set`` images in [-1, 1]; for the FSDM model (EMA weights),
+      ``lambda s, key: model.sample(s, k, key=key, diffusion_config=dc)`` with ``dc`` carrying
       ``config.sampler`` and ``config.sampling_steps``. Called under `jax.jit` and `jax.vmap`.
     - `images`, `labels`: the real images of the evaluated split, uint8 channel-first, and
       their classes.

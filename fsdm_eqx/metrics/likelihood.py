@@ -287,8 +287,11 @@ def fewshot_likelihood(
 
     **Arguments:**
     - `condition`: a context set ``(ns - 1, c, h, w)`` in [-1, 1] -> the model function
-      ``(x_t, t) -> output`` conditioned on it (e.g. the FSDM model's EMA denoiser with the
-      encoder's context; an unconditional model ignores the set).
+      ``(x_t, t) -> output`` conditioned on it; for the FSDM model (EMA weights),
+      ``c = model.context(s, inference=True).c`` and
+      ``lambda x_t, t: model.denoiser(x_t, t, c, inference=True)``, with the context computed
+      inside the lambda from ``t`` when the encoder has a timestep token. An unconditional
+      model ignores the set.
     - `images`, `labels`: the real images (uint8, channel-first) and their classes.
     - `diffusion`: the schedule, variance and clipping of the trained model.
     - `config`: set counts, steps, seed and batch size; default `EvalConfig()`.
