@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
-from typing import Literal, get_args
+from typing import Literal, cast, get_args
 
 ScheduleName = Literal["linear", "cosine"]
 VarianceType = Literal["fixed_small", "fixed_large", "learned_range"]
@@ -270,12 +270,11 @@ class EvalConfig:
         check_range(self, "kid_subset_size", low=2)
         check_choice(self, "sampler", get_args(SamplerName))
         check_choice(self, "eval_split", get_args(SplitPart))
-        if self.likelihood_steps is not None:
-            if isinstance(self.likelihood_steps, bool) or not isinstance(
-                self.likelihood_steps, int
-            ):
+        steps = cast(object, self.likelihood_steps)
+        if steps is not None:
+            if isinstance(steps, bool) or not isinstance(steps, int):
                 raise ValueError(
-                    f"EvalConfig.likelihood_steps={self.likelihood_steps!r} is not allowed; "
+                    f"EvalConfig.likelihood_steps={steps!r} is not allowed; "
                     "it must be an integer or None (all timesteps)."
                 )
             check_range(self, "likelihood_steps", low=1)
