@@ -342,7 +342,8 @@ class ModelConfig:
     channels: int = 3
     """Image channels."""
     ns: int = 6
-    """Images per set in training; each is generated from the other ns - 1."""
+    """Images per set in training (each is generated from the other ns - 1); `FSDM.loss` checks
+    the sets it is given against it."""
     learned_variance: bool = True
     """The denoiser also outputs the variance interpolation (2 * channels outputs); must agree
     with `DiffusionConfig.variance`."""
@@ -502,22 +503,22 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
         encoder_heads=2,
         encoder_head_dim=16,
         encoder_mlp_dim=64,
-        encoder_patch_size=4,
+        encoder_patch_size=8,
         denoiser="dit",
         dit_size=None,
         dit_hidden=32,
         dit_depth=2,
         dit_heads=2,
         dit_patch_size=4,
-        image_size=16,
+        image_size=32,
         channels=3,
-        ns=4,
+        ns=6,
     ),
 }
 """Named model configurations: `paper-cifar100` (the reference code's
 `vfsddpm_cifar100_vit_film_mean_sigma`: ViT encoder, mean pooling, FiLM, variational context,
-UNet with learned variance), `dit-s-cifar100` (the same encoder with DiT-S/2) and `smoke` (tiny,
-16x16 images, compiles in seconds on a CPU)."""
+UNet with learned variance), `dit-s-cifar100` (the same encoder with DiT-S/2) and `smoke` (tiny
+networks on the same 32x32 sets of 6, compiles in seconds on a CPU)."""
 
 
 def model_preset(name: str) -> ModelConfig:

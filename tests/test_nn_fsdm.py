@@ -1,6 +1,6 @@
 """FSDM: leave-one-out contexts, the per-set loss, compiling once, overfitting, sampling.
 
-All tests share the `smoke` preset (16x16 images, ns = 4) and a few jitted functions built once
+All tests share the `smoke` preset (32x32 images, sets of 6) and a few jitted functions built once
 per module, since compilation dominates on a CPU.
 """
 
@@ -87,7 +87,7 @@ def test_leave_one_out_gradient_and_permutation_invariance(kind, model):
         )
         model = FSDM(config, key=jax.random.key(1))
     x_set = _random_set(2)
-    perm = jnp.array([2, 0, 3, 1])
+    perm = jnp.array([2, 0, 5, 3, 1, 4])
 
     @eqx.filter_jit
     def run(model, x_set, x_perm, key):
@@ -158,17 +158,22 @@ def test_bad_inputs_give_clear_errors(model, schedule):
             schedule=schedule,
         )
     with pytest.raises(ValueError, match="channels first"):
-        model.leave_one_out_context(jnp.zeros((NS, 16, 16, 3)), inference=True)
+        model.leave_one_out_context(jnp.zeros((NS, 32, 32, 3)), inference=True)
+    with pytest.raises(ValueError, match="ModelConfig.ns"):
+        model.loss(
+            _random_set(0, (NS - 1, *SHAPE)),
+            key=jax.random.key(0),
+            diffusion_config=DIFFUSION,
+            schedule=schedule,
+        )
     with pytest.raises(ValueError, match="at least 2"):
         model.leave_one_out_context(jnp.zeros((1, *SHAPE)), inference=True)
 
 
 def _cifar_set():
     data = np.load(shared_path("data", "cifar100", "cifar100_subset.npz"))
-    images = data["images"][data["fine_labels"] == 0][:NS]  # four apples
-    x = images.astype(np.float32) / 127.5 - 1.0
-    x = x.reshape(NS, 16, 2, 16, 2, 3).mean(axis=(2, 4))  # 32x32 -> 16x16
-    return jnp.asarray(x.transpose(0, 3, 1, 2))
+    images = data["images"][data["fine_labels"] == 0][:NS]  # six apples
+    return jnp.asarray(images.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1.0)
 
 
 def test_overfits_real_images(model, train_step):
@@ -217,7 +222,7 @@ def test_timestep_token_context_follows_each_images_timestep():
     model = FSDM(TIME_CONFIG, key=jax.random.key(0))
     x_set = _random_set(30)
     contexts = eqx.filter_jit(lambda m, x, t: m.leave_one_out_context(x, t, inference=True).c)
-    t = jnp.array([10.0, 200.0, 300.0, 400.0])
+    t = jnp.array([10.0, 200.0, 300.0, 400.0, 500.0, 600.0])
     a = np.asarray(contexts(model, x_set, t))
     b = np.asarray(contexts(model, x_set, t.at[0].set(900.0)))
     assert not np.allclose(a[0], b[0])  # c_0 sees t_0

@@ -115,6 +115,7 @@ class FSDM(eqx.Module):
     posterior: GaussianPosterior | None
     denoiser: AbstractDenoiser
     image_shape: tuple[int, int, int] = eqx.field(static=True)
+    ns: int = eqx.field(static=True)
     time_token: bool = eqx.field(static=True)
     learned_variance: bool = eqx.field(static=True)
 
@@ -130,6 +131,7 @@ class FSDM(eqx.Module):
         )
         self.denoiser = build_denoiser(config, key=den_key)
         self.image_shape = (config.channels, config.image_size, config.image_size)
+        self.ns = config.ns
         self.time_token = config.encoder_time_token
         self.learned_variance = config.learned_variance
 
@@ -226,7 +228,7 @@ class FSDM(eqx.Module):
         context.
 
         **Arguments:**
-        - `x_set`: the set, `ns >= 2` images in [-1, 1], channels first.
+        - `x_set`: the set, `ModelConfig.ns` images in [-1, 1], channels first.
         - `key`: timesteps, noise, dropout and posterior samples.
         - `diffusion_config`: the loss and variance settings.
         - `schedule`: the training schedule.
@@ -240,6 +242,11 @@ class FSDM(eqx.Module):
         self._check_diffusion(diffusion_config)
         self._check_images(x_set, "x_set")
         ns = x_set.shape[0]
+        if ns != self.ns:
+            raise ValueError(
+                f"the model was configured for training sets of ModelConfig.ns={self.ns} images, "
+                f"got {ns}; make DataConfig.ns and ModelConfig.ns agree."
+            )
         t_key, ctx_key, noise_key, drop_key = jax.random.split(key, 4)
         t = jax.random.randint(t_key, (ns,), 0, schedule.num_steps)
         t_model = schedule.timesteps[t].astype(x_set.dtype) if self.time_token else None
