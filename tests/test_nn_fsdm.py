@@ -159,7 +159,7 @@ def test_bad_inputs_give_clear_errors(model, schedule):
         )
     with pytest.raises(ValueError, match="channels first"):
         model.leave_one_out_context(jnp.zeros((NS, 32, 32, 3)), inference=True)
-    with pytest.raises(ValueError, match="ModelConfig.ns"):
+    with pytest.raises(ValueError, match=r"ModelConfig\.ns"):
         model.loss(
             _random_set(0, (NS - 1, *SHAPE)),
             key=jax.random.key(0),
@@ -239,7 +239,7 @@ def test_timestep_token_loss_and_sampling(schedule):
     )
     out = run(model, _random_set(31), jax.random.key(1))
     assert bool(jnp.isfinite(out["loss"])) and out["context"].shape == (NS, CONFIG.hdim)
-    for sampler in ("ddpm", "ddim"):
+    for sampler in ("ddpm", "ddim", "ode"):
         config = dataclasses.replace(DIFFUSION, sampler=sampler)
 
         @eqx.filter_jit
