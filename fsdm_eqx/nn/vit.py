@@ -19,7 +19,10 @@ Differences from the reference code:
   Patch Tokenization to each image (the image and four diagonal half-patch shifts, Lee et al.
   2021), then forms the same set sequence as `ViTSetEncoder`, with Locality Self-Attention.
 - The timestep token is a linear map of the sinusoidal embedding of ``t``; the reference first
-  passes it through the UNet's own time MLP.
+  passes it through the UNet's own time MLP. The reference feeds it in training but puts a zero
+  token in its place at sampling; here the token is a switch (`time_token`), and an encoder with
+  it is given ``t`` in training and sampling alike, an encoder without it has no such slot.
+- Class token and position embeddings start from N(0, 0.02^2) rather than N(0, 1).
 """
 
 from __future__ import annotations
