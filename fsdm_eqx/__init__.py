@@ -1,6 +1,6 @@
 """fsdm_eqx: few-shot diffusion models in JAX and Equinox."""
 
-from . import data as data, diffusion as diffusion, metrics as metrics
+from . import data as data, diffusion as diffusion, metrics as metrics, nn as nn
 from .config import (
     DataConfig as DataConfig,
     DiffusionConfig as DiffusionConfig,
