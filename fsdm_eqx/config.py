@@ -121,6 +121,75 @@ class DiffusionConfig:
         return self.variance == "learned_range"
 
 
+LRScheduleName = Literal["constant", "cosine"]
+PrecisionName = Literal["float32", "bfloat16"]
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with warm-up, clipping, per-subtree learning rates, frozen subtrees and an EMA.
+
+    Subtrees are the model's top-level fields (for `FSDM`: encoder, posterior, denoiser).
+    """
+
+    lr: float = 1e-4
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """AdamW's decoupled weight decay."""
+    b1: float = 0.9
+    """Adam's first-moment decay."""
+    b2: float = 0.999
+    """Adam's second-moment decay."""
+    eps: float = 1e-8
+    """Adam's denominator offset."""
+    grad_clip: float = 0.0
+    """Clip gradients to this global norm; 0 disables clipping."""
+    warmup_steps: int = 0
+    """Linear warm-up from 0 to `lr` over this many steps."""
+    lr_schedule: LRScheduleName = "constant"
+    """After warm-up: `constant`, or `cosine` decay to 0 at the run's last step."""
+    lr_multipliers: tuple[tuple[str, float], ...] = ()
+    """Per-subtree learning-rate factors, e.g. (("encoder", 2.0),)."""
+    frozen: tuple[str, ...] = ()
+    """Subtrees that are not trained, e.g. ("encoder",)."""
+    ema_decay: float = 0.995
+    """Decay of the exponential moving average of the parameters."""
+    ema_start: int = 2000
+    """Before this step the EMA copies the model."""
+    ema_every: int = 10
+    """The EMA is updated every this many steps."""
+    skip_nonfinite: bool = False
+    """On a non-finite loss or gradient: skip the update (True) or stop the run (False)."""
+    precision: PrecisionName = "float32"
+    """Compute dtype of the network; parameters, optimiser state and losses stay float32."""
+
+    def __post_init__(self) -> None:
+        check_range(self, "lr", low=0.0, low_inclusive=False)
+        check_range(self, "weight_decay", low=0.0)
+        check_range(self, "b1", low=0.0, high=1.0, high_inclusive=False)
+        check_range(self, "b2", low=0.0, high=1.0, high_inclusive=False)
+        check_range(self, "eps", low=0.0)
+        check_range(self, "grad_clip", low=0.0)
+        check_range(self, "warmup_steps", low=0)
+        check_choice(self, "lr_schedule", get_args(LRScheduleName))
+        check_range(self, "ema_decay", low=0.0, high=1.0)
+        check_range(self, "ema_start", low=0)
+        check_range(self, "ema_every", low=1)
+        check_choice(self, "precision", get_args(PrecisionName))
+        names = [name for name, _ in self.lr_multipliers] + list(self.frozen)
+        if len(set(names)) != len(names):
+            raise ValueError(
+                f"OptimConfig.lr_multipliers={self.lr_multipliers!r} and frozen={self.frozen!r} "
+                "name a subtree twice; give each subtree at most one setting."
+            )
+        for name, factor in self.lr_multipliers:
+            if not factor > 0:
+                raise ValueError(
+                    f"OptimConfig.lr_multipliers has {name!r}: {factor!r}; factors must be > 0 "
+                    "(freeze a subtree with `frozen` instead)."
+                )
+
+
 DatasetName = Literal["cifar100", "omniglot", "mnist"]
 ClassSplitName = Literal["fc100", "random", "background_evaluation"]
 SplitPart = Literal["train", "val", "test"]
@@ -194,90 +263,6 @@ class DataConfig:
                 "DataConfig.split='val' is not allowed with class_split='background_evaluation'; "
                 "Omniglot's official split has no validation classes: use 'train' or 'test'."
             )
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalConfig:
-    """Few-shot evaluation on held-out classes: FID, KID, precision/recall, likelihood, the probe.
-
-    The defaults are the protocol of the FSDM paper's reference code on CIFAR-100: 2000 support
-    sets of 5 images from the unseen classes, 5 images generated per set with 250 respaced DDPM
-    steps, so 10,000 generated images against the 10,000 pooled real images of the sets.
-    """
-
-    num_sets: int = 2000
-    """Support sets drawn for the FID protocol (10,000 real images at ns = 5)."""
-    ns: int = 5
-    """Real images per support set."""
-    samples_per_set: int = 5
-    """Images generated from each support set (10,000 in all at the defaults)."""
-    sampler: SamplerName = "ddpm"
-    """Sampler used to generate: `ddpm` ancestral (the reference), `ddim` or `ode`."""
-    sampling_steps: int = 250
-    """Respaced sampling steps (250 in the reference)."""
-    seed: int = 0
-    """Seed of the support sets, the generation keys and the KID subsets."""
-    generate_batch_size: int = 32
-    """Support sets per generation call (one compiled shape; the last batch is padded)."""
-    feature_batch_size: int = 250
-    """Images per call of the feature extractor."""
-    kid_subset_size: int = 1000
-    """Rows per KID subset (torch-fidelity's default)."""
-    kid_num_subsets: int = 100
-    """Number of KID subsets."""
-    pr_neighbours: int = 3
-    """k of the k-nearest-neighbour manifolds of precision/recall (Kynkaanniemi et al.)."""
-    inception_weights: str | None = None
-    """A local FID Inception weights file; None downloads (checksum-verified) and caches it."""
-    eval_split: SplitPart = "test"
-    """Classes of the "out-distro" figures; the "in-distro" ones use `train`."""
-    likelihood_sets: int = 2000
-    """Sets whose images are scored in bits/dim, each under its leave-one-out context."""
-    likelihood_steps: int | None = None
-    """Timesteps of the variational bound: None for all T, else a respaced subset."""
-    likelihood_batch_size: int = 16
-    """Sets per likelihood call."""
-    probe_episodes: int = 10
-    """Episodes of the classification probe (one support set per class per episode)."""
-    probe_queries_per_class: int = 15
-    """Query images per class per episode, disjoint from that episode's support set."""
-
-    def __post_init__(self) -> None:
-        names = (
-            "num_sets",
-            "ns",
-            "samples_per_set",
-            "sampling_steps",
-            "seed",
-            "generate_batch_size",
-            "feature_batch_size",
-            "kid_subset_size",
-            "kid_num_subsets",
-            "pr_neighbours",
-            "likelihood_sets",
-            "likelihood_batch_size",
-            "probe_episodes",
-            "probe_queries_per_class",
-        )
-        for name in names:
-            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
-                raise ValueError(
-                    f"EvalConfig.{name}={getattr(self, name)!r} is not allowed; "
-                    "it must be an integer."
-                )
-            check_range(self, name, low=0 if name == "seed" else 1)
-        check_range(self, "ns", low=2)
-        check_range(self, "kid_subset_size", low=2)
-        check_choice(self, "sampler", get_args(SamplerName))
-        check_choice(self, "eval_split", get_args(SplitPart))
-        steps = cast(object, self.likelihood_steps)
-        if steps is not None:
-            if isinstance(steps, bool) or not isinstance(steps, int):
-                raise ValueError(
-                    f"EvalConfig.likelihood_steps={steps!r} is not allowed; "
-                    "it must be an integer or None (all timesteps)."
-                )
-            check_range(self, "likelihood_steps", low=1)
 
 
 EncoderName = Literal["vit", "svit"]
@@ -529,3 +514,87 @@ def model_preset(name: str) -> ModelConfig:
             f"{', '.join(repr(n) for n in MODEL_PRESETS)}."
         )
     return MODEL_PRESETS[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Few-shot evaluation on held-out classes: FID, KID, precision/recall, likelihood, the probe.
+
+    The defaults are the protocol of the FSDM paper's reference code on CIFAR-100: 2000 support
+    sets of 5 images from the unseen classes, 5 images generated per set with 250 respaced DDPM
+    steps, so 10,000 generated images against the 10,000 pooled real images of the sets.
+    """
+
+    num_sets: int = 2000
+    """Support sets drawn for the FID protocol (10,000 real images at ns = 5)."""
+    ns: int = 5
+    """Real images per support set."""
+    samples_per_set: int = 5
+    """Images generated from each support set (10,000 in all at the defaults)."""
+    sampler: SamplerName = "ddpm"
+    """Sampler used to generate: `ddpm` ancestral (the reference), `ddim` or `ode`."""
+    sampling_steps: int = 250
+    """Respaced sampling steps (250 in the reference)."""
+    seed: int = 0
+    """Seed of the support sets, the generation keys and the KID subsets."""
+    generate_batch_size: int = 32
+    """Support sets per generation call (one compiled shape; the last batch is padded)."""
+    feature_batch_size: int = 250
+    """Images per call of the feature extractor."""
+    kid_subset_size: int = 1000
+    """Rows per KID subset (torch-fidelity's default)."""
+    kid_num_subsets: int = 100
+    """Number of KID subsets."""
+    pr_neighbours: int = 3
+    """k of the k-nearest-neighbour manifolds of precision/recall (Kynkaanniemi et al.)."""
+    inception_weights: str | None = None
+    """A local FID Inception weights file; None downloads (checksum-verified) and caches it."""
+    eval_split: SplitPart = "test"
+    """Classes of the "out-distro" figures; the "in-distro" ones use `train`."""
+    likelihood_sets: int = 2000
+    """Sets whose images are scored in bits/dim, each under its leave-one-out context."""
+    likelihood_steps: int | None = None
+    """Timesteps of the variational bound: None for all T, else a respaced subset."""
+    likelihood_batch_size: int = 16
+    """Sets per likelihood call."""
+    probe_episodes: int = 10
+    """Episodes of the classification probe (one support set per class per episode)."""
+    probe_queries_per_class: int = 15
+    """Query images per class per episode, disjoint from that episode's support set."""
+
+    def __post_init__(self) -> None:
+        names = (
+            "num_sets",
+            "ns",
+            "samples_per_set",
+            "sampling_steps",
+            "seed",
+            "generate_batch_size",
+            "feature_batch_size",
+            "kid_subset_size",
+            "kid_num_subsets",
+            "pr_neighbours",
+            "likelihood_sets",
+            "likelihood_batch_size",
+            "probe_episodes",
+            "probe_queries_per_class",
+        )
+        for name in names:
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
+                raise ValueError(
+                    f"EvalConfig.{name}={getattr(self, name)!r} is not allowed; "
+                    "it must be an integer."
+                )
+            check_range(self, name, low=0 if name == "seed" else 1)
+        check_range(self, "ns", low=2)
+        check_range(self, "kid_subset_size", low=2)
+        check_choice(self, "sampler", get_args(SamplerName))
+        check_choice(self, "eval_split", get_args(SplitPart))
+        steps = cast(object, self.likelihood_steps)
+        if steps is not None:
+            if isinstance(steps, bool) or not isinstance(steps, int):
+                raise ValueError(
+                    f"EvalConfig.likelihood_steps={steps!r} is not allowed; "
+                    "it must be an integer or None (all timesteps)."
+                )
+            check_range(self, "likelihood_steps", low=1)

@@ -1,0 +1,7 @@
+"""Instrumentation as pure functions of the training state; nothing here changes training."""
+
+from .norms import (
+    context_statistics as context_statistics,
+    global_norm as global_norm,
+    subtree_norms as subtree_norms,
+)

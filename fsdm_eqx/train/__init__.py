@@ -1,0 +1,21 @@
+"""Training: the state PyTree, the optimiser, the pure step, data parallelism, checkpoints, loop."""
+
+from .optimizer import (
+    ema_update as ema_update,
+    learning_rate_schedule as learning_rate_schedule,
+    make_optimizer as make_optimizer,
+    trainable_filter as trainable_filter,
+)
+from .parallel import (
+    DATA_AXIS as DATA_AXIS,
+    initialize_distributed as initialize_distributed,
+    make_mesh as make_mesh,
+    replicate as replicate,
+    shard_batch as shard_batch,
+)
+from .state import TrainState as TrainState, init_train_state as init_train_state
+from .step import (
+    LossFn as LossFn,
+    cast_floating as cast_floating,
+    make_train_step as make_train_step,
+)
