@@ -1,5 +1,6 @@
 """Training: the state PyTree, the optimiser, the pure step, data parallelism, checkpoints, loop."""
 
+from .objective import fsdm_loss_fn as fsdm_loss_fn
 from .optimizer import (
     ema_update as ema_update,
     learning_rate_schedule as learning_rate_schedule,

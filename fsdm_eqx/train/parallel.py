@@ -45,11 +45,20 @@ def make_mesh(devices: Sequence[Any] | None = None) -> Mesh:
 
 
 def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
-    """Place every array of ``tree`` on all devices of ``mesh``."""
+    """Place every array of ``tree`` on all devices of ``mesh``; every host passes the same."""
     sharding = NamedSharding(mesh, P())
-    return jax.tree_util.tree_map(
-        lambda x: jax.device_put(x, sharding) if isinstance(x, jax.Array) else x, tree
-    )
+
+    def place(x: object) -> object:
+        if not isinstance(x, jax.Array):
+            return x
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            data = jax.make_array_from_process_local_data(
+                sharding, np.asarray(jax.random.key_data(x))
+            )
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+        return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+
+    return jax.tree_util.tree_map(place, tree)
 
 
 def shard_batch(local_batch: PyTree, mesh: Mesh) -> PyTree:

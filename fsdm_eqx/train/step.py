@@ -94,6 +94,12 @@ def make_train_step(
             losses, aux = jax.vmap(loss_fn, in_axes=(None, 0, 0))(model, batch, keys)
             return jnp.mean(losses.astype(jnp.float32)), aux
 
+        if axis_name is not None:
+            # Mark the replicated parameters as varying per device, so that each device's
+            # gradient is its own and the pmean below is the only reduction.
+            params = jax.tree_util.tree_map(
+                lambda x: jax.lax.pcast(x, axis_name, to="varying"), params
+            )
         (loss, aux), grads = eqx.filter_value_and_grad(batch_loss, has_aux=True)(params)
         metrics = _reduce_metrics(loss, aux, axis_name)
         if axis_name is not None:
@@ -131,7 +137,9 @@ def make_train_step(
         )
         skipped = TrainState(state.model, state.ema, state.opt_state, state.step + 1, key)
         new_state = jax.tree_util.tree_map(
-            lambda new, old: jnp.where(finite, new, old), candidate, skipped
+            lambda new, old: jnp.where(finite, new, old) if eqx.is_array(new) else new,
+            candidate,
+            skipped,
         )
         metrics = {
             **metrics,
