@@ -2,19 +2,30 @@
 
 Every config checks its own fields in ``__post_init__``: a bad value raises one ``ValueError`` that
 names the field, the value given and what is allowed. The experiment CLI is generated from these
-dataclasses, so they are the single list of settings.
+dataclasses, so they are the single list of settings. The classes are marked ``no_type_check`` so
+that run-time type checkers leave the validation, and its message, to ``__post_init__``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import typing
 from collections.abc import Iterable
-from typing import Literal, cast, get_args
+from typing import Literal, TypeVar, cast, get_args
 
 ScheduleName = Literal["linear", "cosine"]
 VarianceType = Literal["fixed_small", "fixed_large", "learned_range"]
 LossType = Literal["mse", "hybrid"]
 SamplerName = Literal["ddpm", "ddim", "ode"]
+
+
+_Config = TypeVar("_Config")
+
+
+def no_type_check(cls: type[_Config]) -> type[_Config]:
+    """Leave a config's validation to its ``__post_init__`` under run-time type checkers
+    (jaxtyping's import hook skips anything decorated ``no_type_check``)."""
+    return typing.no_type_check(cls)
 
 
 def check_choice(owner: object, field: str, allowed: Iterable[object]) -> None:
@@ -53,6 +64,7 @@ def check_range(
         )
 
 
+@no_type_check
 @dataclasses.dataclass(frozen=True)
 class DiffusionConfig:
     """The Gaussian diffusion: noise schedule, what the model predicts, the loss and the sampler.
@@ -125,6 +137,7 @@ LRScheduleName = Literal["constant", "cosine"]
 PrecisionName = Literal["float32", "bfloat16"]
 
 
+@no_type_check
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
     """AdamW with warm-up, clipping, per-subtree learning rates, frozen subtrees and an EMA.
@@ -195,6 +208,7 @@ ClassSplitName = Literal["fc100", "random", "background_evaluation"]
 SplitPart = Literal["train", "val", "test"]
 
 
+@no_type_check
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """The dataset, its class-disjoint few-shot split and the set sampler that feeds training."""
@@ -272,6 +286,7 @@ DenoiserName = Literal["dit", "unet"]
 DiTSize = Literal["S", "B"]
 
 
+@no_type_check
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """The FSDM networks: set encoder, optional Gaussian posterior and denoiser (DiT or UNet).
@@ -516,6 +531,7 @@ def model_preset(name: str) -> ModelConfig:
     return MODEL_PRESETS[name]
 
 
+@no_type_check
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
     """Few-shot evaluation on held-out classes: FID, KID, precision/recall, likelihood, the probe.
@@ -598,3 +614,56 @@ class EvalConfig:
                     "it must be an integer or None (all timesteps)."
                 )
             check_range(self, "likelihood_steps", low=1)
+
+
+@no_type_check
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """The training loop: run length, where checkpoints and metrics go, and how often."""
+
+    run_dir: str = "runs/default"
+    """Directory of the run's checkpoints and metrics; a run restarted on it resumes."""
+    num_steps: int = 1000
+    """Training steps of the whole run (a resumed run continues to this total)."""
+    log_every: int = 100
+    """Metrics are pulled to the host and logged every this many steps."""
+    eval_every: int = 1000
+    """`eval_fn` runs every this many steps; 0 never evaluates."""
+    save_every: int = 1000
+    """A checkpoint is written every this many steps (and at the end); 0 saves at the end only."""
+    keep_checkpoints: int = 3
+    """The last this many checkpoints are kept."""
+    seed: int = 0
+    """Root seed of the run (model initialisation, training keys, the set sampler)."""
+    early_stopping_patience: int = 0
+    """Stop after this many evaluations without a lower `eval_loss`; 0 disables."""
+    progress: bool = True
+    """Show a progress bar with steps/s and the ETA."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.run_dir, str) or not self.run_dir:
+            raise ValueError(
+                f"RunConfig.run_dir={self.run_dir!r} is not allowed; it must be a non-empty path."
+            )
+        for name in ("num_steps", "log_every", "keep_checkpoints"):
+            check_range(self, name, low=1)
+        for name in ("eval_every", "save_every", "seed", "early_stopping_patience"):
+            check_range(self, name, low=0)
+        for name in (
+            "num_steps",
+            "log_every",
+            "eval_every",
+            "save_every",
+            "keep_checkpoints",
+            "seed",
+            "early_stopping_patience",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(
+                    f"RunConfig.{name}={value!r} is not allowed; it must be an integer."
+                )
+        if not isinstance(self.progress, bool):
+            raise ValueError(
+                f"RunConfig.progress={self.progress!r} is not allowed; it must be True or False."
+            )
