@@ -641,7 +641,8 @@ class RunConfig:
     """Show a progress bar with steps/s and the ETA."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.run_dir, str) or not self.run_dir:
+        run_dir = cast(object, self.run_dir)
+        if not isinstance(run_dir, str) or not run_dir:
             raise ValueError(
                 f"RunConfig.run_dir={self.run_dir!r} is not allowed; it must be a non-empty path."
             )
@@ -663,7 +664,7 @@ class RunConfig:
                 raise ValueError(
                     f"RunConfig.{name}={value!r} is not allowed; it must be an integer."
                 )
-        if not isinstance(self.progress, bool):
+        if not isinstance(cast(object, self.progress), bool):
             raise ValueError(
                 f"RunConfig.progress={self.progress!r} is not allowed; it must be True or False."
             )

@@ -5,3 +5,9 @@ from .norms import (
     global_norm as global_norm,
     subtree_norms as subtree_norms,
 )
+from .sinks import (
+    ConsoleSink as ConsoleSink,
+    JsonlSink as JsonlSink,
+    MultiSink as MultiSink,
+    Sink as Sink,
+)

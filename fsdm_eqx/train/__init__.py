@@ -1,5 +1,12 @@
 """Training: the state PyTree, the optimiser, the pure step, data parallelism, checkpoints, loop."""
 
+from .checkpoint import (
+    CheckpointError as CheckpointError,
+    latest_checkpoint as latest_checkpoint,
+    restore_checkpoint as restore_checkpoint,
+    save_checkpoint as save_checkpoint,
+)
+from .loop import NonFiniteError as NonFiniteError, train as train
 from .objective import fsdm_loss_fn as fsdm_loss_fn
 from .optimizer import (
     ema_update as ema_update,

@@ -1,0 +1,218 @@
+"""The training loop: resume, step, log, evaluate, checkpoint, guard, stop early.
+
+The loop never waits on the device per step: the non-finite flag of step ``i`` is read after step
+``i + 1`` has been dispatched, and the other metrics only every ``log_every`` steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, PyTree
+from tqdm.auto import tqdm
+
+from ..config import RunConfig
+from ..instrument.sinks import Sink
+from .checkpoint import latest_checkpoint, restore_checkpoint, save_checkpoint
+from .state import TrainState
+
+StepFn = Callable[[TrainState, PyTree], tuple[TrainState, dict[str, Array]]]
+
+
+class NonFiniteError(RuntimeError):
+    """A training step produced a non-finite loss or gradient and the run stops."""
+
+
+def _default_place(batch: PyTree) -> PyTree:
+    return jax.tree_util.tree_map(jnp.asarray, batch)
+
+
+def _images_per_step(batch: PyTree) -> int:
+    shape = np.shape(jax.tree_util.tree_leaves(batch)[0])
+    return int(np.prod(shape[:2])) if len(shape) >= 2 else int(np.prod(shape))
+
+
+def _offending(metrics: dict[str, float]) -> list[str]:
+    names = [k for k in metrics if k == "loss" or k.startswith("debug/grad_norm")]
+    return [f"{k}={metrics[k]}" for k in names if not math.isfinite(metrics[k])]
+
+
+@dataclasses.dataclass
+class _Pending:
+    """Metrics of the last dispatched step, not yet checked on the host."""
+
+    step: int
+    metrics: dict[str, Array]
+
+
+def train(
+    state: TrainState,
+    step_fn: StepFn,
+    batch_fn: Callable[[int], PyTree],
+    *,
+    config: RunConfig,
+    sink: Sink,
+    eval_fn: Callable[[TrainState], dict[str, float]] | None = None,
+    metadata: dict[str, Any] | None = None,
+    place_batch: Callable[[PyTree], PyTree] | None = None,
+    skip_nonfinite: bool = False,
+) -> TrainState:
+    """Train ``state`` to ``config.num_steps`` steps, resuming from ``config.run_dir``.
+
+    **Arguments:**
+    - `state`: the initial training state (also the template a checkpoint is restored into).
+    - `step_fn`: `make_train_step(...)`, `(state, batch) -> (state, metrics)`.
+    - `batch_fn`: `batch_fn(step) -> batch`, deterministic in `step`, so that a resumed run sees
+      the batches the interrupted one would have seen.
+    - `config`: the run's length, directory and intervals.
+    - `sink`: where metrics go (`JsonlSink`, `ConsoleSink`, `MultiSink`, the W&B sink).
+    - `eval_fn`: `eval_fn(state) -> {"eval_loss": ..., ...}`, run every `config.eval_every`
+      steps; `eval_loss` drives early stopping.
+    - `metadata`: JSON-able facts stored in every checkpoint (model/data configs, class splits).
+    - `place_batch`: puts a host batch on the devices (e.g. `shard_batch`); `jnp.asarray` if None.
+    - `skip_nonfinite`: pass `OptimConfig.skip_nonfinite`: when True a non-finite step (whose
+      update the step function skipped) is counted in `debug/skipped_updates` and the run goes
+      on; when False the run stops with `NonFiniteError`.
+
+    **Returns:** the final state.
+
+    **Raises:** `NonFiniteError` naming the step and the non-finite metrics; no checkpoint is
+    written after that step, so the last one on disk is the last good one.
+    """
+    place = place_batch if place_batch is not None else _default_place
+    run_dir = config.run_dir
+    run_metadata = {
+        **(metadata or {}),
+        "run_config": dataclasses.asdict(config),
+    }
+    best_eval = math.inf
+    evals_without_improvement = 0
+    skipped = 0
+
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is not None:
+        state, restored = restore_checkpoint(checkpoint, state)
+        stopping = restored.get("early_stopping", {})
+        best_eval = float(stopping.get("best_eval_loss", math.inf))
+        evals_without_improvement = int(stopping.get("evals_without_improvement", 0))
+        skipped = int(restored.get("skipped_updates", 0))
+        print(f"Resuming from {checkpoint} at step {int(state.step)}.", file=sys.stderr)
+    step = int(state.step)
+
+    last_saved = step
+
+    def save(at_step: int) -> None:
+        nonlocal last_saved
+        last_saved = at_step
+        if jax.process_index() != 0:
+            return
+        save_checkpoint(
+            run_dir,
+            state,
+            keep=config.keep_checkpoints,
+            metadata={
+                **run_metadata,
+                "sampler_position": at_step,
+                "skipped_updates": skipped,
+                "early_stopping": {
+                    "best_eval_loss": best_eval if math.isfinite(best_eval) else None,
+                    "evals_without_improvement": evals_without_improvement,
+                },
+            },
+        )
+
+    def check(pending: _Pending | None) -> None:
+        nonlocal skipped
+        if pending is None or float(pending.metrics["debug/nonfinite"]) == 0.0:
+            return
+        if skip_nonfinite:
+            skipped += 1
+            return
+        host = {k: float(v) for k, v in pending.metrics.items()}
+        offending = ", ".join(_offending(host)) or "a non-finite gradient"
+        last = latest_checkpoint(run_dir)
+        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written"
+        raise NonFiniteError(
+            f"Training step {pending.step} produced non-finite values ({offending}); the run "
+            f"stops and {kept}. Set OptimConfig.skip_nonfinite=True to skip such updates instead."
+        )
+
+    bar = (
+        tqdm(total=config.num_steps, initial=step, unit="step", dynamic_ncols=True)
+        if config.progress
+        else None
+    )
+    pending: _Pending | None = None
+    last_log_time = time.perf_counter()
+    last_log_step = step
+    steps_per_second = math.nan
+    stopped_early = False
+    try:
+        while step < config.num_steps:
+            host_batch = batch_fn(step)
+            images = _images_per_step(host_batch)
+            state, metrics = step_fn(state, place(host_batch))
+            check(pending)
+            pending = _Pending(step, metrics)
+            step += 1
+            if bar is not None:
+                bar.update(1)
+            if step % config.log_every == 0 or step == config.num_steps:
+                check(pending)
+                host = {k: float(v) for k, v in metrics.items()}
+                now = time.perf_counter()
+                steps_per_second = (step - last_log_step) / max(now - last_log_time, 1e-9)
+                last_log_time, last_log_step = now, step
+                host.update(
+                    {
+                        "system/steps_per_second": steps_per_second,
+                        "system/images_per_second": steps_per_second * images,
+                        "progress/percent_complete": 100.0 * step / config.num_steps,
+                        "progress/eta_seconds": (config.num_steps - step) / steps_per_second,
+                    }
+                )
+                if skip_nonfinite:
+                    host["debug/skipped_updates"] = float(skipped)
+                sink.log(host, step)
+                if bar is not None:
+                    bar.set_postfix(
+                        loss=f"{host['loss']:.4g}", img_s=f"{steps_per_second * images:.3g}"
+                    )
+            if eval_fn is not None and config.eval_every and step % config.eval_every == 0:
+                check(pending)
+                results = {k: float(v) for k, v in eval_fn(state).items()}
+                sink.log(results, step)
+                if "eval_loss" in results:
+                    if results["eval_loss"] < best_eval:
+                        best_eval = results["eval_loss"]
+                        evals_without_improvement = 0
+                    else:
+                        evals_without_improvement += 1
+                    patience = config.early_stopping_patience
+                    if patience and evals_without_improvement >= patience:
+                        stopped_early = True
+            if (config.save_every and step % config.save_every == 0) or stopped_early:
+                check(pending)
+                save(step)
+            if stopped_early:
+                print(
+                    f"Early stopping at step {step}: eval_loss has not improved on "
+                    f"{best_eval:.6g} for {evals_without_improvement} evaluations.",
+                    file=sys.stderr,
+                )
+                break
+        check(pending)
+        if last_saved != step:
+            save(step)
+    finally:
+        if bar is not None:
+            bar.close()
+    return state
