@@ -51,6 +51,7 @@ class _Pending:
 
     step: int
     metrics: dict[str, Array]
+    checked: bool = False
 
 
 def train(
@@ -101,7 +102,8 @@ def train(
     if checkpoint is not None:
         state, restored = restore_checkpoint(checkpoint, state)
         stopping = restored.get("early_stopping", {})
-        best_eval = float(stopping.get("best_eval_loss", math.inf))
+        best = stopping.get("best_eval_loss")
+        best_eval = math.inf if best is None else float(best)
         evals_without_improvement = int(stopping.get("evals_without_improvement", 0))
         skipped = int(restored.get("skipped_updates", 0))
         print(f"Resuming from {checkpoint} at step {int(state.step)}.", file=sys.stderr)
@@ -131,7 +133,10 @@ def train(
 
     def check(pending: _Pending | None) -> None:
         nonlocal skipped
-        if pending is None or float(pending.metrics["debug/nonfinite"]) == 0.0:
+        if pending is None or pending.checked:
+            return
+        pending.checked = True
+        if float(pending.metrics["debug/nonfinite"]) == 0.0:
             return
         if skip_nonfinite:
             skipped += 1

@@ -1,0 +1,291 @@
+"""The training loop: logging, evaluation, resume (in process and after SIGKILL), the guard,
+early stopping, the sinks and RunConfig."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import equinox as eqx
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from fsdm_eqx.config import OptimConfig, RunConfig
+from fsdm_eqx.instrument import ConsoleSink, JsonlSink, MultiSink, Sink
+from fsdm_eqx.train import (
+    NonFiniteError,
+    TrainState,
+    init_train_state,
+    latest_checkpoint,
+    make_train_step,
+    restore_checkpoint,
+    train,
+)
+from tests.train_fixtures import TinyModel, tiny_loss
+
+OPTIM = OptimConfig(lr=1e-2, ema_start=0, ema_every=1, ema_decay=0.9)
+TOTAL = 20
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+class RecordingSink:
+    def __init__(self) -> None:
+        self.logs: list[tuple[int, dict[str, float]]] = []
+        self.images: list[tuple[int, dict[str, np.ndarray]]] = []
+        self.closed = False
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self.logs.append((step, dict(metrics)))
+
+    def log_images(self, images: dict[str, np.ndarray], step: int) -> None:
+        self.images.append((step, images))
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def batch_fn(step: int) -> np.ndarray:
+    return np.random.default_rng([0, step]).normal(size=(8, 5, 4)).astype(np.float32)
+
+
+def nan_at(bad_step: int):
+    def fn(step: int) -> np.ndarray:
+        batch = batch_fn(step)
+        return batch * np.float32(np.nan) if step == bad_step else batch
+
+    return fn
+
+
+@pytest.fixture(scope="module")
+def step_fn():
+    return make_train_step(tiny_loss, OPTIM, total_steps=TOTAL)
+
+
+def fresh_state() -> TrainState:
+    key = jax.random.key(0)
+    return init_train_state(
+        TinyModel(key), OPTIM, key=jax.random.fold_in(key, 1), total_steps=TOTAL
+    )
+
+
+def run(tmp_path, step_fn, batches=batch_fn, sink=None, eval_fn=None, **overrides):
+    fields = (
+        dict(run_dir=str(tmp_path), num_steps=6, log_every=3, eval_every=0, save_every=4)
+        | overrides
+    )
+    return train(
+        fresh_state(),
+        step_fn,
+        batches,
+        config=RunConfig(progress=False, **fields),
+        sink=sink if sink is not None else RecordingSink(),
+        eval_fn=eval_fn,
+        metadata={"experiment": "test"},
+    )
+
+
+def leaves(state: TrainState) -> list[np.ndarray]:
+    state = eqx.tree_at(lambda s: s.key, state, jax.random.key_data(state.key))
+    return [np.asarray(x) for x in jax.tree_util.tree_leaves(eqx.filter(state, eqx.is_array))]
+
+
+def test_logs_evaluates_and_saves(tmp_path, step_fn):
+    sink = RecordingSink()
+    evaluated: list[int] = []
+
+    def eval_fn(state):
+        evaluated.append(int(state.step))
+        return {"eval_loss": 1.0}
+
+    state = run(tmp_path, step_fn, sink=sink, eval_fn=eval_fn, eval_every=2)
+    assert int(state.step) == 6 and evaluated == [2, 4, 6]
+    train_logs = [(s, m) for s, m in sink.logs if "loss" in m]
+    assert [s for s, _ in train_logs] == [3, 6]
+    for step, metrics in train_logs:
+        assert metrics["progress/percent_complete"] == pytest.approx(100 * step / 6)
+        assert metrics["system/images_per_second"] == pytest.approx(
+            40 * metrics["system/steps_per_second"]
+        )
+        assert metrics["debug/nonfinite"] == 0.0 and np.isfinite(metrics["loss"])
+    assert train_logs[-1][1]["progress/eta_seconds"] == 0.0
+    assert [m["eval_loss"] for _, m in sink.logs if "eval_loss" in m] == [1.0] * 3
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000004", "step_00000006"]
+    _, metadata = restore_checkpoint(tmp_path, like=state)
+    assert metadata["sampler_position"] == 6 and metadata["experiment"] == "test"
+    assert metadata["run_config"]["num_steps"] == 6 and metadata["run_config"]["save_every"] == 4
+
+
+def test_resume_continues_exactly(tmp_path, step_fn, capsys):
+    straight = run(tmp_path / "straight", step_fn, num_steps=10)
+    run(tmp_path / "resumed", step_fn, num_steps=6)
+    capsys.readouterr()
+    resumed = run(tmp_path / "resumed", step_fn, num_steps=10)
+    assert "Resuming from" in capsys.readouterr().err
+    assert int(resumed.step) == 10
+    for a, b in zip(leaves(resumed), leaves(straight), strict=True):
+        assert np.array_equal(a, b)
+
+
+def test_nonfinite_loss_stops_naming_the_step(tmp_path, step_fn):
+    with pytest.raises(NonFiniteError, match=r"step 7 .*loss=nan") as error:
+        run(tmp_path, step_fn, batches=nan_at(7), num_steps=12, save_every=5)
+    assert "debug/grad_norm" in str(error.value)
+    assert "step_00000005" in str(error.value)
+    assert latest_checkpoint(tmp_path) == tmp_path / "step_00000005"
+    assert [p.name for p in tmp_path.glob("step_*")] == ["step_00000005"]
+
+
+def test_nonfinite_update_skipped_when_configured(tmp_path, step_fn):
+    sink = RecordingSink()
+    state = train(
+        fresh_state(),
+        step_fn,
+        nan_at(2),
+        config=RunConfig(
+            run_dir=str(tmp_path),
+            num_steps=6,
+            log_every=3,
+            eval_every=0,
+            save_every=0,
+            progress=False,
+        ),
+        sink=sink,
+        skip_nonfinite=True,
+    )
+    assert int(state.step) == 6
+    assert all(np.isfinite(x).all() for x in leaves(state))
+    assert [m["debug/skipped_updates"] for _, m in sink.logs] == [1.0, 1.0]
+
+
+def test_early_stopping_on_eval_loss(tmp_path, step_fn, capsys):
+    losses = iter([3.0, 2.0, 2.5, 2.0, 9.0, 1.0])
+    state = run(
+        tmp_path,
+        step_fn,
+        eval_fn=lambda state: {"eval_loss": next(losses)},
+        num_steps=TOTAL,
+        eval_every=2,
+        save_every=0,
+        early_stopping_patience=3,
+    )
+    # Best 2.0 at step 4; steps 6, 8 and 10 do not improve on it.
+    assert int(state.step) == 10
+    assert "Early stopping at step 10" in capsys.readouterr().err
+    _, metadata = restore_checkpoint(tmp_path, like=state)
+    assert metadata["step"] == 10
+    assert metadata["early_stopping"] == {"best_eval_loss": 2.0, "evals_without_improvement": 3}
+
+
+def _leaves_of_file(path: pathlib.Path) -> list[np.ndarray]:
+    arrays = []
+    with path.open("rb") as f:
+        while f.peek(1) if hasattr(f, "peek") else f.read(1):
+            arrays.append(np.load(f))
+    return arrays
+
+
+def test_killed_run_resumes_bitwise(tmp_path):
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    )
+    num_steps, save_every = "30", "5"
+
+    def command(run_dir: pathlib.Path) -> list[str]:
+        script = str(REPO / "tests" / "resume_script.py")
+        return [sys.executable, script, str(run_dir), num_steps, save_every, "0.1"]
+
+    straight = subprocess.run(
+        command(tmp_path / "straight"), env=env, capture_output=True, text=True, timeout=300
+    )
+    assert straight.returncode == 0, straight.stderr
+
+    killed_dir = tmp_path / "killed"
+    process = subprocess.Popen(
+        command(killed_dir), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 300
+    while len(list(killed_dir.glob("step_*/metadata.json"))) < 2:
+        assert process.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline, "no second checkpoint within 300 s"
+        time.sleep(0.02)
+    assert process.poll() is None, "the run ended before it could be killed"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert latest_checkpoint(killed_dir) != killed_dir / "step_00000030"
+
+    restarted = subprocess.run(
+        command(killed_dir), env=env, capture_output=True, text=True, timeout=300
+    )
+    assert restarted.returncode == 0, restarted.stderr
+    assert "Resuming from" in restarted.stderr
+    resumed_at = int(restarted.stderr.split("at step ")[1].split(".")[0])
+    assert 10 <= resumed_at < 30
+
+    final_a = tmp_path / "straight" / "step_00000030" / "state.eqx"
+    final_b = killed_dir / "step_00000030" / "state.eqx"
+    a, b = _leaves_of_file(final_a), _leaves_of_file(final_b)
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b, strict=True):
+        assert x.dtype == y.dtype and np.array_equal(x, y)
+    assert final_a.read_bytes() == final_b.read_bytes()
+
+
+def test_jsonl_sink(tmp_path):
+    sink = JsonlSink(tmp_path)
+    assert isinstance(sink, Sink)
+    sink.log({"loss": 0.5, "bad": float("nan")}, 3)
+    sink.log({"loss": 0.25}, 6)
+    grid = np.random.default_rng(0).integers(0, 256, (6, 10, 3), dtype=np.uint8)
+    sink.log_images({"samples/grid": grid, "gray": grid[..., :1]}, 6)
+    sink.close()
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines == [{"step": 3, "loss": 0.5, "bad": "nan"}, {"step": 6, "loss": 0.25}]
+    assert np.array_equal(
+        np.asarray(Image.open(tmp_path / "images/samples_grid_00000006.png")), grid
+    )
+    assert np.array_equal(
+        np.asarray(Image.open(tmp_path / "images/gray_00000006.png")), grid[..., 0]
+    )
+    other = JsonlSink(tmp_path / "other")
+    with pytest.raises(ValueError, match="uint8"):
+        other.log_images({"x": grid.astype(np.float32)}, 1)
+    other.close()
+
+
+def test_console_and_multi_sink(capsys):
+    recording = RecordingSink()
+    sink = MultiSink(ConsoleSink(), recording)
+    sink.log({"loss": 0.123456, "debug/grad_norm": 1.0}, 10)
+    sink.log_images({"grid": np.zeros((4, 8, 3), np.uint8)}, 10)
+    sink.close()
+    out = capsys.readouterr().out
+    assert "step 10 | loss 0.1235" in out and "debug" not in out and "grid 8x4" in out
+    assert recording.logs == [(10, {"loss": 0.123456, "debug/grad_norm": 1.0})]
+    assert recording.images[0][0] == 10 and recording.closed
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("num_steps", 0),
+        ("log_every", 0),
+        ("save_every", -1),
+        ("keep_checkpoints", 0),
+        ("early_stopping_patience", -2),
+        ("eval_every", 1.5),
+        ("run_dir", ""),
+        ("progress", 1),
+    ],
+)
+def test_run_config_rejects_bad_values(field, value):
+    with pytest.raises(ValueError, match=rf"RunConfig\.{field}={value!r} is not allowed"):
+        RunConfig(**{field: value})
