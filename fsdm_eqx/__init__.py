@@ -6,6 +6,7 @@ from .config import (
     DiffusionConfig as DiffusionConfig,
     EvalConfig as EvalConfig,
     ModelConfig as ModelConfig,
+    RunConfig as RunConfig,
 )
 
 __version__ = "0.1.0"
