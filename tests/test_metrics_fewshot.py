@@ -220,7 +220,7 @@ def test_the_fsdm_model_plugs_into_every_protocol():
     model = FSDM(model_preset("smoke"), key=jax.random.key(0))
     diffusion = DiffusionConfig(num_steps=10, sampling_steps=3)
     rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, size=(60, 3, 16, 16), dtype=np.uint8)
+    images = rng.integers(0, 256, size=(60, 3, 32, 32), dtype=np.uint8)
     labels = np.repeat([0, 1, 2], 20)
     config = EvalConfig(
         num_sets=6,
