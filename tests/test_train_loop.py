@@ -75,14 +75,21 @@ def fresh_state() -> TrainState:
 
 def run(tmp_path, step_fn, batches=batch_fn, sink=None, eval_fn=None, **overrides):
     fields = (
-        dict(run_dir=str(tmp_path), num_steps=6, log_every=3, eval_every=0, save_every=4)
+        dict(
+            run_dir=str(tmp_path),
+            num_steps=6,
+            log_every=3,
+            eval_every=0,
+            save_every=4,
+            progress=False,
+        )
         | overrides
     )
     return train(
         fresh_state(),
         step_fn,
         batches,
-        config=RunConfig(progress=False, **fields),
+        config=RunConfig(**fields),
         sink=sink if sink is not None else RecordingSink(),
         eval_fn=eval_fn,
         metadata={"experiment": "test"},
@@ -129,6 +136,12 @@ def test_resume_continues_exactly(tmp_path, step_fn, capsys):
     assert int(resumed.step) == 10
     for a, b in zip(leaves(resumed), leaves(straight), strict=True):
         assert np.array_equal(a, b)
+
+
+def test_progress_bar(tmp_path, step_fn, capsys):
+    run(tmp_path, step_fn, num_steps=3, progress=True)
+    err = capsys.readouterr().err
+    assert "3/3" in err and "step/s" in err and "loss=" in err and "img_s=" in err
 
 
 def test_nonfinite_loss_stops_naming_the_step(tmp_path, step_fn):

@@ -42,6 +42,17 @@ def _keys_to_data(tree: PyTree) -> PyTree:
     return jax.tree_util.tree_map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
 
 
+def _to_host(tree: PyTree) -> PyTree:
+    """Arrays as numpy; a replicated array spread over several hosts is read from this host."""
+
+    def convert(x: Any) -> Any:
+        if isinstance(x, jax.Array):
+            return np.asarray(x if x.is_fully_addressable else x.addressable_data(0))
+        return x
+
+    return jax.tree_util.tree_map(convert, tree)
+
+
 def _leaf_specs(tree: PyTree) -> list[list[Any]]:
     """Shape and dtype of every leaf that `eqx.tree_serialise_leaves` writes."""
     leaves = jax.tree_util.tree_leaves(tree)
@@ -118,7 +129,7 @@ def save_checkpoint(
     tmp = directory / f".tmp-step_{step:08d}-{os.getpid()}"
     tmp.mkdir()
     try:
-        host_state = _keys_to_data(state)
+        host_state = _to_host(_keys_to_data(state))
         state_path = tmp / STATE_FILE
         with state_path.open("wb") as f:
             eqx.tree_serialise_leaves(f, host_state)
