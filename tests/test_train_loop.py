@@ -192,6 +192,10 @@ def test_early_stopping_on_eval_loss(tmp_path, step_fn, capsys):
     _, metadata = restore_checkpoint(tmp_path, like=state)
     assert metadata["step"] == 10
     assert metadata["early_stopping"] == {"best_eval_loss": 2.0, "evals_without_improvement": 3}
+    # Restarted on the same directory, the run stays stopped.
+    again = run(tmp_path, step_fn, num_steps=TOTAL, save_every=0, early_stopping_patience=3)
+    assert int(again.step) == 10
+    assert "stopped early at step 10" in capsys.readouterr().err
 
 
 def _leaves_of_file(path: pathlib.Path) -> list[np.ndarray]:

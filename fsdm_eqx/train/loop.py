@@ -85,7 +85,8 @@ def train(
 
     **Returns:** the final state.
 
-    **Raises:** `NonFiniteError` naming the step and the non-finite metrics; no checkpoint is
+    **Raises:** `NonFiniteError` naming the step (the index given to `batch_fn`, i.e. the
+    state's step count before it) and the non-finite metrics; no checkpoint is
     written after that step, so the last one on disk is the last good one.
     """
     place = place_batch if place_batch is not None else _default_place
@@ -108,7 +109,10 @@ def train(
         skipped = int(restored.get("skipped_updates", 0))
         print(f"Resuming from {checkpoint} at step {int(state.step)}.", file=sys.stderr)
     step = int(state.step)
-
+    patience = config.early_stopping_patience
+    if patience and evals_without_improvement >= patience:
+        print(f"The run in {run_dir} stopped early at step {step}.", file=sys.stderr)
+        return state
     last_saved = step
 
     def save(at_step: int) -> None:
@@ -201,7 +205,6 @@ def train(
                         evals_without_improvement = 0
                     else:
                         evals_without_improvement += 1
-                    patience = config.early_stopping_patience
                     if patience and evals_without_improvement >= patience:
                         stopped_early = True
             if (config.save_every and step % config.save_every == 0) or stopped_early:
