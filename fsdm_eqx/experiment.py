@@ -1,0 +1,405 @@
+"""The few-shot experiment: train FSDM on training classes, evaluate on unseen classes.
+
+`ExperimentConfig` composes the model, diffusion, optimiser, data and evaluation configs with the
+run settings; `run_experiment` loads the data, builds the model, trains (resuming from the run
+directory when it holds a checkpoint), evaluates the EMA model and writes ``config.json``,
+``metrics.json``, ``metrics.jsonl`` and ``samples.png`` under the run directory. `main` is the
+command line, generated from the dataclasses by `tyro`, with a ``--preset`` choice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import sys
+import time
+from collections.abc import Generator, Sequence
+from pathlib import Path
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, PRNGKeyArray, UInt8
+
+from .config import (
+    DataConfig,
+    DiffusionConfig,
+    EvalConfig,
+    ModelConfig,
+    OptimConfig,
+    check_range,
+    model_preset,
+)
+from .data.download import DataError
+from .data.pipeline import load_dataset, make_sampler
+from .metrics._inception_weights import InceptionWeightsError
+from .metrics.fewshot import fewshot_fid, to_uint8
+from .nn.fsdm import FSDM, count_parameters
+from .train import (
+    TrainState,
+    fsdm_loss_fn,
+    init_train_state,
+    make_mesh,
+    make_train_step,
+    replicate,
+    shard_batch,
+)
+
+CHECKPOINT = "checkpoint.eqx"
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    """Everything one few-shot run needs: the five component configs and the run settings."""
+
+    model: ModelConfig = dataclasses.field(default_factory=lambda: model_preset("paper-cifar100"))
+    """The networks."""
+    diffusion: DiffusionConfig = dataclasses.field(default_factory=DiffusionConfig)
+    """The diffusion process, loss and training-time sampler."""
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    """AdamW, schedule and EMA."""
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    """Dataset, class split and training sets."""
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    """Few-shot evaluation protocol on unseen classes."""
+    run_dir: str = "runs/default"
+    """Directory of the checkpoint, logs, metrics, samples and config; re-using it resumes."""
+    num_steps: int = 100_000
+    """Training steps."""
+    log_every: int = 100
+    """Steps between two lines of training metrics."""
+    save_every: int = 5000
+    """Steps between two checkpoints (one is always written at the end)."""
+    seed: int = 0
+    """Seed of the model initialisation and of the training randomness."""
+    eval_loss_batches: int = 10
+    """Batches of validation-class sets scored by the EMA model's training loss."""
+    fid: bool = True
+    """Compute few-shot FID/KID/precision/recall on the `eval.eval_split` classes (needs the
+    Inception weights: `eval.inception_weights` or a download)."""
+    grid_sets: int = 8
+    """Support sets shown in ``samples.png``, each as a row of support images over a row of
+    generated ones."""
+
+    def __post_init__(self) -> None:
+        for name in ("num_steps", "log_every", "save_every", "eval_loss_batches", "grid_sets"):
+            check_range(self, name, low=1)
+        check_range(self, "seed", low=0)
+        if self.model.ns != self.data.ns:
+            raise ValueError(
+                f"ExperimentConfig has model.ns={self.model.ns} but data.ns={self.data.ns}; the "
+                "model trains on the sets the data gives: set both to the same size."
+            )
+        if self.model.learned_variance != self.diffusion.learned_variance:
+            raise ValueError(
+                f"ExperimentConfig has model.learned_variance={self.model.learned_variance} but "
+                f"diffusion.variance={self.diffusion.variance!r}; use 'learned_range' with a "
+                "learned variance and a fixed variance otherwise."
+            )
+        if self.model.image_size != self.data.image_size:
+            raise ValueError(
+                f"ExperimentConfig has model.image_size={self.model.image_size} but "
+                f"data.image_size={self.data.image_size}; set both to the same size."
+            )
+
+
+PRESETS: dict[str, ExperimentConfig] = {
+    "paper-cifar100": ExperimentConfig(
+        model=model_preset("paper-cifar100"),
+        diffusion=DiffusionConfig(
+            num_steps=1000, schedule="linear", variance="learned_range", loss="hybrid"
+        ),
+        optim=OptimConfig(lr=1e-4, ema_decay=0.995),
+        data=DataConfig(dataset="cifar100", class_split="fc100", batch_size=32, ns=6),
+        eval=EvalConfig(),
+        run_dir="runs/paper-cifar100",
+    ),
+    "smoke": ExperimentConfig(
+        model=model_preset("smoke"),
+        diffusion=DiffusionConfig(num_steps=100, sampling_steps=10),
+        optim=OptimConfig(lr=1e-3, ema_start=0, ema_every=1, ema_decay=0.9),
+        data=DataConfig(dataset="cifar100", class_split="fc100", batch_size=4, ns=6, prefetch=0),
+        eval=EvalConfig(
+            num_sets=10,
+            ns=5,
+            samples_per_set=5,
+            sampling_steps=10,
+            generate_batch_size=10,
+            feature_batch_size=50,
+            kid_subset_size=25,
+            kid_num_subsets=10,
+        ),
+        run_dir="runs/smoke",
+        num_steps=10,
+        log_every=5,
+        save_every=5,
+        eval_loss_batches=2,
+        grid_sets=4,
+    ),
+    "omniglot": ExperimentConfig(
+        model=dataclasses.replace(model_preset("dit-s-cifar100"), channels=1),
+        data=DataConfig(
+            dataset="omniglot", class_split="background_evaluation", image_size=32, ns=6
+        ),
+        run_dir="runs/omniglot",
+    ),
+    "mnist": ExperimentConfig(
+        model=dataclasses.replace(
+            model_preset("dit-s-cifar100"), channels=1, image_size=28, encoder_patch_size=7
+        ),
+        data=DataConfig(dataset="mnist", class_split="random", image_size=28, ns=6),
+        run_dir="runs/mnist",
+    ),
+}
+"""Named experiments: `paper-cifar100` (the reference code's configuration: UNet, ViT encoder
+with FiLM on the mean-pooled, variational context, learned variance, T = 1000 linear, AdamW at
+1e-4, EMA 0.995, 32 sets of 6 per batch, the paper's FID protocol) and `smoke` (tiny networks and
+a tiny evaluation that run the whole path in minutes on a CPU)."""
+
+
+def _save(state: TrainState, run_dir: Path) -> None:
+    """Write the state atomically (a crash mid-write leaves the previous checkpoint)."""
+    tmp = run_dir / (CHECKPOINT + ".tmp")
+    eqx.tree_serialise_leaves(tmp, state)
+    tmp.replace(run_dir / CHECKPOINT)
+
+
+def _jsonable(metrics: dict[str, Array]) -> dict[str, float]:
+    return {name: float(value) for name, value in jax.device_get(metrics).items()}
+
+
+def _grid(
+    support: UInt8[np.ndarray, "s m c h w"], generated: UInt8[np.ndarray, "s k c h w"]
+) -> UInt8[np.ndarray, "H W c"]:
+    """One image: for each set, its support images in a row over its generated images."""
+    s, m, c, h, w = support.shape
+    k = generated.shape[1]
+    cols = max(m, k)
+    pad = 2
+    out = np.full((2 * s * (h + pad) + pad, cols * (w + pad) + pad, c), 255, np.uint8)
+    for i in range(s):
+        for row, images in ((2 * i, support[i]), (2 * i + 1, generated[i])):
+            for j, image in enumerate(images):
+                y, x = pad + row * (h + pad), pad + j * (w + pad)
+                out[y : y + h, x : x + w] = image.transpose(1, 2, 0)
+    return out
+
+
+def _write_png(path: Path, image: UInt8[np.ndarray, "H W c"]) -> None:
+    from PIL import Image
+
+    array = image[..., 0] if image.shape[-1] == 1 else image
+    Image.fromarray(array).save(path)
+
+
+def _summary(metrics: dict[str, Any]) -> str:
+    rows = [(name, value) for name, value in metrics.items() if isinstance(value, int | float)]
+    width = max(len(name) for name, _ in rows)
+    lines = [f"{'metric'.ljust(width)}  value", f"{'-' * width}  -----"]
+    lines += [f"{name.ljust(width)}  {value:.6g}" for name, value in rows]
+    return "\n".join(lines)
+
+
+def run_experiment(config: ExperimentConfig) -> dict[str, Any]:
+    """Train, evaluate and write the results of one few-shot experiment.
+
+    A run directory that holds a checkpoint is resumed from its step; a finished run only
+    re-evaluates.
+
+    **Arguments:**
+    - `config`: the experiment.
+
+    **Returns:** the metrics written to ``metrics.json``: the last training metrics
+    (``train/...``), ``eval_loss`` of the EMA model on the validation classes, the few-shot
+    ``fid``, ``kid_mean``, ``kid_std``, ``precision`` and ``recall`` on `eval.eval_split`
+    classes, parameter counts and timings.
+    """
+    run_dir = Path(config.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    data, split = load_dataset(config.data)
+    (run_dir / "config.json").write_text(
+        json.dumps(
+            {"experiment": dataclasses.asdict(config), "class_split": split.to_dict()},
+            indent=2,
+            sort_keys=True,
+        )
+    )
+
+    key = jax.random.PRNGKey(config.seed)
+    model_key, train_key, eval_key = jax.random.split(key, 3)
+    model = FSDM(config.model, key=model_key)
+    state = init_train_state(model, config.optim, key=train_key, total_steps=config.num_steps)
+    checkpoint = run_dir / CHECKPOINT
+    if checkpoint.exists():
+        state = eqx.tree_deserialise_leaves(checkpoint, state)
+    mesh = make_mesh()
+    state = replicate(state, mesh)
+    loss_fn = fsdm_loss_fn(config.diffusion)
+    step_fn = make_train_step(loss_fn, config.optim, total_steps=config.num_steps, mesh=mesh)
+
+    start = int(state.step)
+    train_metrics: dict[str, float] = {}
+    t0 = time.perf_counter()
+    if start < config.num_steps:
+        sampler = make_sampler(
+            config.data,
+            data,
+            split,
+            host_index=jax.process_index(),
+            host_count=jax.process_count(),
+        )
+        with (
+            sampler.stream(start, config.num_steps - start) as stream,
+            open(run_dir / "metrics.jsonl", "a") as log,
+        ):
+            for step, (sets, _) in enumerate(stream, start=start + 1):
+                state, metrics = step_fn(state, shard_batch(sets, mesh))
+                if step % config.log_every == 0 or step == config.num_steps:
+                    train_metrics = _jsonable(metrics)
+                    log.write(json.dumps({"step": step} | train_metrics) + "\n")
+                    log.flush()
+                    print(f"step {step}: loss {train_metrics['loss']:.4f}", flush=True)
+                if step % config.save_every == 0 or step == config.num_steps:
+                    _save(state, run_dir)
+    train_seconds = time.perf_counter() - t0
+
+    ema = eqx.nn.inference_mode(state.ema)
+    results: dict[str, Any] = {
+        "step": int(state.step),
+        "resumed_from": start,
+        "train_seconds": train_seconds,
+    }
+    results |= {f"train/{k}": v for k, v in train_metrics.items()}
+    results |= {f"parameters/{k}": v for k, v in count_parameters(ema).items()}
+    results["eval_loss"] = _eval_loss(ema, config, data, split, eval_key)
+
+    sample_config = dataclasses.replace(
+        config.diffusion,
+        sampler=config.eval.sampler,
+        sampling_steps=min(config.eval.sampling_steps, config.diffusion.num_steps),
+    )
+
+    def generate(support: Float[Array, "m c h w"], key: PRNGKeyArray) -> Float[Array, "k c h w"]:
+        return ema.sample(
+            support, config.eval.samples_per_set, key=key, diffusion_config=sample_config
+        )
+
+    results |= _samples_grid(generate, config, data, split, run_dir)
+    if config.fid:
+        t1 = time.perf_counter()
+        classes = split.classes(config.eval.eval_split)
+        chosen = np.isin(data.labels, classes)
+        fid = fewshot_fid(
+            generate, data.images[chosen], data.labels[chosen], config=config.eval, classes=classes
+        )
+        for name in ("fid", "kid_mean", "kid_std", "precision", "recall"):
+            results[name] = float(getattr(fid, name))
+        results["fid_detail"] = fid.to_dict()
+        results["fid_seconds"] = time.perf_counter() - t1
+    (run_dir / "metrics.json").write_text(json.dumps(results, indent=2, sort_keys=True))
+    print(_summary(results), flush=True)
+    return results
+
+
+def _eval_loss(
+    ema: FSDM, config: ExperimentConfig, data: Any, split: Any, key: PRNGKeyArray
+) -> float:
+    """Mean training loss of the EMA model on sets of validation classes (fixed batches)."""
+    sampler = make_sampler(
+        dataclasses.replace(config.data, split="val", flips=False, prefetch=0), data, split
+    )
+    loss_fn = fsdm_loss_fn(config.diffusion)
+
+    @eqx.filter_jit
+    def batch_loss(model: FSDM, sets: Float[Array, "b ns c h w"], key: PRNGKeyArray) -> Array:
+        keys = jax.random.split(key, sets.shape[0])
+        losses, _ = jax.vmap(loss_fn, in_axes=(None, 0, 0))(model, sets, keys)
+        return jnp.mean(losses)
+
+    total = 0.0
+    for i in range(config.eval_loss_batches):
+        sets, _ = sampler.batch(i)
+        total += float(batch_loss(ema, jnp.asarray(sets), jax.random.fold_in(key, i)))
+    return total / config.eval_loss_batches
+
+
+def _samples_grid(
+    generate: Any, config: ExperimentConfig, data: Any, split: Any, run_dir: Path
+) -> dict[str, Any]:
+    """Generate from a few support sets of the evaluation classes and write ``samples.png``."""
+    data_config = dataclasses.replace(
+        config.data,
+        split=config.eval.eval_split,
+        ns=config.eval.ns,
+        batch_size=config.grid_sets,
+        flips=False,
+        prefetch=0,
+        seed=config.eval.seed,
+    )
+    support, _ = make_sampler(data_config, data, split).batch(0)
+    keys = jax.random.split(jax.random.PRNGKey(config.eval.seed), config.grid_sets)
+    generated = eqx.filter_jit(jax.vmap(generate))(jnp.asarray(support), keys)
+    grid = _grid(to_uint8(support), to_uint8(np.asarray(generated)))
+    _write_png(run_dir / "samples.png", grid)
+    return {"samples_png": str(run_dir / "samples.png")}
+
+
+def _parse_preset(argv: Sequence[str]) -> tuple[str | None, list[str]]:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--preset", default=None)
+    known, rest = parser.parse_known_args(list(argv))
+    return known.preset, rest
+
+
+@contextlib.contextmanager
+def _type_hints_visible(*classes: type) -> Generator[None]:
+    """Let `typing.get_type_hints` see the fields of configs marked `typing.no_type_check`.
+
+    The configs carry that mark so that run-time type checkers leave validation to
+    ``__post_init__``; it also hides their annotations, which `tyro` reads to build the CLI.
+    """
+    marked = [c for c in classes if c.__dict__.get("__no_type_check__")]
+    for c in marked:
+        delattr(c, "__no_type_check__")
+    try:
+        yield
+    finally:
+        for c in marked:
+            c.__no_type_check__ = True  # pyright: ignore[reportAttributeAccessIssue]
+
+
+def main(argv: Sequence[str] | None = None, *, default_preset: str = "paper-cifar100") -> None:
+    """The command line: ``--preset NAME`` picks the defaults, every field can be set.
+
+    **Arguments:**
+    - `argv`: the arguments (default ``sys.argv[1:]``).
+    - `default_preset`: the preset used without ``--preset``.
+    """
+    import tyro
+
+    argv = sys.argv[1:] if argv is None else argv
+    preset, rest = _parse_preset(argv)
+    preset = default_preset if preset is None else preset
+    if preset not in PRESETS:
+        sys.exit(
+            f"error: --preset {preset!r} is not known; choose one of "
+            f"{', '.join(repr(n) for n in PRESETS)}."
+        )
+    description = (
+        "Train few-shot diffusion (FSDM) and evaluate it on unseen classes.\n\n"
+        f"--preset {{{','.join(PRESETS)}}}: the defaults below (now: {preset}; "
+        f"default: {default_preset})."
+    )
+    try:
+        configs = (ModelConfig, DiffusionConfig, OptimConfig, DataConfig, EvalConfig)
+        with _type_hints_visible(*configs):
+            config = tyro.cli(
+                ExperimentConfig, args=rest, default=PRESETS[preset], description=description
+            )
+        run_experiment(config)
+    except (ValueError, DataError, InceptionWeightsError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
