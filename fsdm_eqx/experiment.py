@@ -31,25 +31,26 @@ from .config import (
     EvalConfig,
     ModelConfig,
     OptimConfig,
+    RunConfig,
     check_range,
     model_preset,
 )
 from .data.download import DataError
 from .data.pipeline import load_dataset, make_sampler
+from .instrument import ConsoleSink, JsonlSink, MultiSink
 from .metrics._inception_weights import InceptionWeightsError
 from .metrics.fewshot import fewshot_fid, to_uint8
 from .nn.fsdm import FSDM, count_parameters
 from .train import (
-    TrainState,
     fsdm_loss_fn,
     init_train_state,
     make_mesh,
     make_train_step,
     replicate,
     shard_batch,
+    train,
 )
-
-CHECKPOINT = "checkpoint.eqx"
+from .train.checkpoint import CheckpointError, latest_checkpoint
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,16 +67,8 @@ class ExperimentConfig:
     """Dataset, class split and training sets."""
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     """Few-shot evaluation protocol on unseen classes."""
-    run_dir: str = "runs/default"
-    """Directory of the checkpoint, logs, metrics, samples and config; re-using it resumes."""
-    num_steps: int = 100_000
-    """Training steps."""
-    log_every: int = 100
-    """Steps between two lines of training metrics."""
-    save_every: int = 5000
-    """Steps between two checkpoints (one is always written at the end)."""
-    seed: int = 0
-    """Seed of the model initialisation and of the training randomness."""
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    """Run length, directory (re-using it resumes), logging, evaluation and checkpoint intervals."""
     eval_loss_batches: int = 10
     """Batches of validation-class sets scored by the EMA model's training loss."""
     fid: bool = True
@@ -86,9 +79,8 @@ class ExperimentConfig:
     generated ones."""
 
     def __post_init__(self) -> None:
-        for name in ("num_steps", "log_every", "save_every", "eval_loss_batches", "grid_sets"):
+        for name in ("eval_loss_batches", "grid_sets"):
             check_range(self, name, low=1)
-        check_range(self, "seed", low=0)
         if self.model.ns != self.data.ns:
             raise ValueError(
                 f"ExperimentConfig has model.ns={self.model.ns} but data.ns={self.data.ns}; the "
@@ -116,7 +108,9 @@ PRESETS: dict[str, ExperimentConfig] = {
         optim=OptimConfig(lr=1e-4, ema_decay=0.995),
         data=DataConfig(dataset="cifar100", class_split="fc100", batch_size=32, ns=6),
         eval=EvalConfig(),
-        run_dir="runs/paper-cifar100",
+        run=RunConfig(
+            run_dir="runs/paper-cifar100", num_steps=100_000, save_every=5000, eval_every=5000
+        ),
     ),
     "smoke": ExperimentConfig(
         model=model_preset("smoke"),
@@ -133,10 +127,7 @@ PRESETS: dict[str, ExperimentConfig] = {
             kid_subset_size=25,
             kid_num_subsets=10,
         ),
-        run_dir="runs/smoke",
-        num_steps=10,
-        log_every=5,
-        save_every=5,
+        run=RunConfig(run_dir="runs/smoke", num_steps=10, log_every=5, save_every=5, eval_every=0),
         eval_loss_batches=2,
         grid_sets=4,
     ),
@@ -145,31 +136,20 @@ PRESETS: dict[str, ExperimentConfig] = {
         data=DataConfig(
             dataset="omniglot", class_split="background_evaluation", image_size=32, ns=6
         ),
-        run_dir="runs/omniglot",
+        run=RunConfig(run_dir="runs/omniglot", num_steps=100_000, save_every=5000),
     ),
     "mnist": ExperimentConfig(
         model=dataclasses.replace(
             model_preset("dit-s-cifar100"), channels=1, image_size=28, encoder_patch_size=7
         ),
         data=DataConfig(dataset="mnist", class_split="random", image_size=28, ns=6),
-        run_dir="runs/mnist",
+        run=RunConfig(run_dir="runs/mnist", num_steps=100_000, save_every=5000),
     ),
 }
 """Named experiments: `paper-cifar100` (the reference code's configuration: UNet, ViT encoder
 with FiLM on the mean-pooled, variational context, learned variance, T = 1000 linear, AdamW at
 1e-4, EMA 0.995, 32 sets of 6 per batch, the paper's FID protocol) and `smoke` (tiny networks and
 a tiny evaluation that run the whole path in minutes on a CPU)."""
-
-
-def _save(state: TrainState, run_dir: Path) -> None:
-    """Write the state atomically (a crash mid-write leaves the previous checkpoint)."""
-    tmp = run_dir / (CHECKPOINT + ".tmp")
-    eqx.tree_serialise_leaves(tmp, state)
-    tmp.replace(run_dir / CHECKPOINT)
-
-
-def _jsonable(metrics: dict[str, Array]) -> dict[str, float]:
-    return {name: float(value) for name, value in jax.device_get(metrics).items()}
 
 
 def _grid(
@@ -218,54 +198,48 @@ def run_experiment(config: ExperimentConfig) -> dict[str, Any]:
     ``fid``, ``kid_mean``, ``kid_std``, ``precision`` and ``recall`` on `eval.eval_split`
     classes, parameter counts and timings.
     """
-    run_dir = Path(config.run_dir)
+    run_dir = Path(config.run.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     data, split = load_dataset(config.data)
-    (run_dir / "config.json").write_text(
-        json.dumps(
-            {"experiment": dataclasses.asdict(config), "class_split": split.to_dict()},
-            indent=2,
-            sort_keys=True,
-        )
-    )
+    metadata = {"experiment": dataclasses.asdict(config), "class_split": split.to_dict()}
+    (run_dir / "config.json").write_text(json.dumps(metadata, indent=2, sort_keys=True))
 
-    key = jax.random.PRNGKey(config.seed)
+    key = jax.random.PRNGKey(config.run.seed)
     model_key, train_key, eval_key = jax.random.split(key, 3)
     model = FSDM(config.model, key=model_key)
-    state = init_train_state(model, config.optim, key=train_key, total_steps=config.num_steps)
-    checkpoint = run_dir / CHECKPOINT
-    if checkpoint.exists():
-        state = eqx.tree_deserialise_leaves(checkpoint, state)
+    state = init_train_state(model, config.optim, key=train_key, total_steps=config.run.num_steps)
     mesh = make_mesh()
     state = replicate(state, mesh)
     loss_fn = fsdm_loss_fn(config.diffusion)
-    step_fn = make_train_step(loss_fn, config.optim, total_steps=config.num_steps, mesh=mesh)
+    step_fn = make_train_step(loss_fn, config.optim, total_steps=config.run.num_steps, mesh=mesh)
+    sampler = make_sampler(
+        config.data, data, split, host_index=jax.process_index(), host_count=jax.process_count()
+    )
+    last = latest_checkpoint(run_dir)
+    start = 0 if last is None else int(json.loads((last / "metadata.json").read_text())["step"])
 
-    start = int(state.step)
-    train_metrics: dict[str, float] = {}
+    def eval_fn(state: Any) -> dict[str, float]:
+        ema = eqx.nn.inference_mode(state.ema)
+        return {"eval_loss": _eval_loss(ema, config, data, split, eval_key)}
+
+    sink = MultiSink(JsonlSink(run_dir), ConsoleSink())
     t0 = time.perf_counter()
-    if start < config.num_steps:
-        sampler = make_sampler(
-            config.data,
-            data,
-            split,
-            host_index=jax.process_index(),
-            host_count=jax.process_count(),
+    try:
+        state = train(
+            state,
+            step_fn,
+            lambda step: sampler.batch(step)[0],
+            config=config.run,
+            sink=sink,
+            eval_fn=eval_fn,
+            metadata=metadata,
+            place_batch=lambda batch: shard_batch(batch, mesh),
+            skip_nonfinite=config.optim.skip_nonfinite,
         )
-        with (
-            sampler.stream(start, config.num_steps - start) as stream,
-            open(run_dir / "metrics.jsonl", "a") as log,
-        ):
-            for step, (sets, _) in enumerate(stream, start=start + 1):
-                state, metrics = step_fn(state, shard_batch(sets, mesh))
-                if step % config.log_every == 0 or step == config.num_steps:
-                    train_metrics = _jsonable(metrics)
-                    log.write(json.dumps({"step": step} | train_metrics) + "\n")
-                    log.flush()
-                    print(f"step {step}: loss {train_metrics['loss']:.4f}", flush=True)
-                if step % config.save_every == 0 or step == config.num_steps:
-                    _save(state, run_dir)
+    finally:
+        sink.close()
     train_seconds = time.perf_counter() - t0
+    train_metrics = _last_logged(run_dir / "metrics.jsonl")
 
     ema = eqx.nn.inference_mode(state.ema)
     results: dict[str, Any] = {
@@ -303,6 +277,15 @@ def run_experiment(config: ExperimentConfig) -> dict[str, Any]:
     (run_dir / "metrics.json").write_text(json.dumps(results, indent=2, sort_keys=True))
     print(_summary(results), flush=True)
     return results
+
+
+def _last_logged(path: Path) -> dict[str, float]:
+    """The last line of training metrics (without evaluation-only lines)."""
+    for line in reversed(path.read_text().splitlines() if path.exists() else []):
+        record = json.loads(line)
+        if "loss" in record:
+            return {k: v for k, v in record.items() if k != "step"}
+    return {}
 
 
 def _eval_loss(
@@ -395,11 +378,17 @@ def main(argv: Sequence[str] | None = None, *, default_preset: str = "paper-cifa
         f"default: {default_preset})."
     )
     try:
-        configs = (ModelConfig, DiffusionConfig, OptimConfig, DataConfig, EvalConfig)
+        configs = (ModelConfig, DiffusionConfig, OptimConfig, DataConfig, EvalConfig, RunConfig)
         with _type_hints_visible(*configs):
             config = tyro.cli(
                 ExperimentConfig, args=rest, default=PRESETS[preset], description=description
             )
         run_experiment(config)
-    except (ValueError, DataError, InceptionWeightsError, FileNotFoundError) as e:
+    except (
+        ValueError,
+        DataError,
+        InceptionWeightsError,
+        CheckpointError,
+        FileNotFoundError,
+    ) as e:
         sys.exit(f"error: {e}")

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from fsdm_eqx.experiment import PRESETS, ExperimentConfig, main
+from fsdm_eqx.train import latest_checkpoint
 from tests.conftest import shared_path
 
 
@@ -21,7 +22,7 @@ def _smoke_args(run_dir: Path) -> list[str]:
         "--data.data-dir", str(data),
         "--data.no-download",
         "--eval.inception-weights", str(weights),
-        "--run-dir", str(run_dir),
+        "--run.run-dir", str(run_dir),
     ]  # fmt: skip
 
 
@@ -37,7 +38,7 @@ def test_smoke_end_to_end(smoke_run: tuple[list[str], Path]) -> None:
     _, run_dir = smoke_run
     smoke = PRESETS["smoke"]
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["step"] == smoke.num_steps
+    assert metrics["step"] == smoke.run.num_steps
     assert metrics["resumed_from"] == 0
     for name in ("train/loss", "eval_loss", "fid", "kid_mean", "precision", "recall"):
         assert np.isfinite(metrics[name]), name
@@ -51,20 +52,20 @@ def test_smoke_end_to_end(smoke_run: tuple[list[str], Path]) -> None:
     assert set(names["test"]).isdisjoint(names["train"])
     assert len(detail["classes"]) >= 1
     assert detail["num_generated"] == smoke.eval.num_sets * smoke.eval.samples_per_set
-    assert config["experiment"]["num_steps"] == smoke.num_steps
+    assert config["experiment"]["run"]["num_steps"] == smoke.run.num_steps
     assert config["experiment"]["model"] == json.loads(json.dumps(vars(smoke.model)))
     grid = np.asarray(Image.open(run_dir / "samples.png"))
     # Two rows (support, generated) of 32-pixel images per set, 2-pixel borders.
     assert grid.shape == (2 * smoke.grid_sets * 34 + 2, smoke.eval.ns * 34 + 2, 3)
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [line["step"] for line in lines] == list(range(5, smoke.num_steps + 1, 5))
-    assert (run_dir / "checkpoint.eqx").exists()
+    assert [line["step"] for line in lines] == list(range(5, smoke.run.num_steps + 1, 5))
+    assert latest_checkpoint(run_dir) is not None
 
 
 def test_rerun_resumes(smoke_run: tuple[list[str], Path]) -> None:
     args, run_dir = smoke_run
-    steps = PRESETS["smoke"].num_steps
-    main([*args, "--no-fid", "--num-steps", str(steps + 5)])
+    steps = PRESETS["smoke"].run.num_steps
+    main([*args, "--no-fid", "--run.num-steps", str(steps + 5)])
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["resumed_from"] == steps
     assert metrics["step"] == steps + 5
@@ -78,8 +79,9 @@ def test_help_lists_fields_with_defaults(capsys: pytest.CaptureFixture[str]) -> 
         main(["--help"])
     assert info.value.code == 0
     out = capsys.readouterr().out
-    flags = ("--preset", "--run-dir", "--num-steps", "--model.denoiser", "--diffusion.num-steps",
-             "--optim.lr", "--data.data-dir", "--eval.inception-weights")  # fmt: skip
+    flags = ("--preset", "--run.run-dir", "--run.num-steps", "--model.denoiser",
+             "--diffusion.num-steps", "--optim.lr", "--data.data-dir",
+             "--eval.inception-weights")  # fmt: skip
     for flag in flags:
         assert flag in out, flag
     assert "default: unet" in out  # the paper preset's denoiser
@@ -97,7 +99,9 @@ def test_preset_and_overrides(capsys: pytest.CaptureFixture[str]) -> None:
     assert paper.diffusion.learned_variance
     assert paper.optim.lr == 1e-4 and paper.optim.ema_decay == 0.995
     assert (paper.data.batch_size, paper.data.ns) == (32, 6)
-    assert ExperimentConfig() == ExperimentConfig(**vars(paper) | {"run_dir": "runs/default"})
+    default = ExperimentConfig()
+    for part in ("model", "diffusion", "optim", "data", "eval"):
+        assert getattr(default, part) == getattr(paper, part), part
 
 
 @pytest.mark.parametrize(
@@ -118,7 +122,7 @@ def test_bad_values(argv: list[str], message: str, capsys: pytest.CaptureFixture
 
 def test_missing_data_is_one_sentence(tmp_path: Path) -> None:
     argv = ["--preset", "smoke", "--data.data-dir", str(tmp_path / "absent.npz"),
-            "--data.no-download", "--run-dir", str(tmp_path / "run")]  # fmt: skip
+            "--data.no-download", "--run.run-dir", str(tmp_path / "run")]  # fmt: skip
     with pytest.raises(SystemExit) as info:
         main(argv)
     assert str(info.value.code).startswith("error: ")
