@@ -198,6 +198,12 @@ def run_experiment(config: ExperimentConfig) -> dict[str, Any]:
     ``fid``, ``kid_mean``, ``kid_std``, ``precision`` and ``recall`` on `eval.eval_split`
     classes, parameter counts and timings.
     """
+    weights = config.eval.inception_weights
+    if config.fid and weights is not None and not Path(weights).is_file():
+        raise InceptionWeightsError(
+            f"EvalConfig.inception_weights={weights!r} is not a file; give the FID Inception "
+            "weights file, leave it unset to download them, or turn FID off with --no-fid."
+        )
     run_dir = Path(config.run.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     data, split = load_dataset(config.data)

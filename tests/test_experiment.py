@@ -127,3 +127,13 @@ def test_missing_data_is_one_sentence(tmp_path: Path) -> None:
         main(argv)
     assert str(info.value.code).startswith("error: ")
     assert "\n" not in str(info.value.code)
+
+
+def test_missing_inception_weights_fail_before_training(tmp_path: Path) -> None:
+    argv = ["--preset", "smoke", "--eval.inception-weights", str(tmp_path / "absent.npz"),
+            "--run.run-dir", str(tmp_path / "run")]  # fmt: skip
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    message = str(info.value.code)
+    assert message.startswith("error: ") and "--no-fid" in message and "\n" not in message
+    assert not (tmp_path / "run").exists()
