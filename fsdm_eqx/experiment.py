@@ -10,12 +10,11 @@ command line, generated from the dataclasses by `tyro`, with a ``--preset`` choi
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import sys
 import time
-from collections.abc import Generator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -344,23 +343,6 @@ def _parse_preset(argv: Sequence[str]) -> tuple[str | None, list[str]]:
     return known.preset, rest
 
 
-@contextlib.contextmanager
-def _type_hints_visible(*classes: type) -> Generator[None]:
-    """Let `typing.get_type_hints` see the fields of configs marked `typing.no_type_check`.
-
-    The configs carry that mark so that run-time type checkers leave validation to
-    ``__post_init__``; it also hides their annotations, which `tyro` reads to build the CLI.
-    """
-    marked = [c for c in classes if c.__dict__.get("__no_type_check__")]
-    for c in marked:
-        delattr(c, "__no_type_check__")
-    try:
-        yield
-    finally:
-        for c in marked:
-            c.__no_type_check__ = True  # pyright: ignore[reportAttributeAccessIssue]
-
-
 def main(argv: Sequence[str] | None = None, *, default_preset: str = "paper-cifar100") -> None:
     """The command line: ``--preset NAME`` picks the defaults, every field can be set.
 
@@ -384,11 +366,9 @@ def main(argv: Sequence[str] | None = None, *, default_preset: str = "paper-cifa
         f"default: {default_preset})."
     )
     try:
-        configs = (ModelConfig, DiffusionConfig, OptimConfig, DataConfig, EvalConfig, RunConfig)
-        with _type_hints_visible(*configs):
-            config = tyro.cli(
-                ExperimentConfig, args=rest, default=PRESETS[preset], description=description
-            )
+        config = tyro.cli(
+            ExperimentConfig, args=rest, default=PRESETS[preset], description=description
+        )
         run_experiment(config)
     except (
         ValueError,
