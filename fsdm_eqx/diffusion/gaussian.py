@@ -201,14 +201,18 @@ def vlb_terms_bpd(
     t: Int[Array, ""],
     *,
     variance: VarianceType,
+    clip_denoised: bool = False,
 ) -> Float[Array, ""]:
     """The variational-bound term L_t in bits per dimension.
 
     KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) for t > 0, and the decoder's negative
-    log-likelihood -log p(x_0 | x_1) of the discretised data at t = 0.
+    log-likelihood -log p(x_0 | x_1) of the discretised data at t = 0. ``clip_denoised`` clips
+    the predicted x_0 inside p, as a sampler that clips would.
     """
     true_mean, _, true_log_var = q_posterior_mean_variance(schedule, x_start, x_t, t)
-    p = p_mean_variance(schedule, model_output, x_t, t, variance=variance, clip_denoised=False)
+    p = p_mean_variance(
+        schedule, model_output, x_t, t, variance=variance, clip_denoised=clip_denoised
+    )
     kl = jnp.mean(normal_kl(true_mean, true_log_var, p.mean, p.log_variance)) / math.log(2.0)
     nll = -jnp.mean(
         discretized_gaussian_log_likelihood(x_start, means=p.mean, log_scales=0.5 * p.log_variance)

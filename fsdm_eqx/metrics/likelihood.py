@@ -33,12 +33,8 @@ from ..config import DiffusionConfig, EvalConfig, VarianceType
 from ..diffusion import (
     ModelFn,
     Schedule,
-    discretized_gaussian_log_likelihood,
     make_schedule,
-    normal_kl,
-    p_mean_variance,
     prior_bpd,
-    q_posterior_mean_variance,
     q_sample,
     split_model_output,
     vlb_terms_bpd,
@@ -72,16 +68,10 @@ def _step_terms(
     output = model_fn(x_t, schedule.timesteps[t].astype(x_t.dtype))
     eps, _ = split_model_output(output, x_t, variance=variance)
     mse = jnp.mean((eps - noise) ** 2)
-    if not clip_denoised:
-        return vlb_terms_bpd(output, schedule, x_start, x_t, t, variance=variance), mse
-    # vlb_terms_bpd never clips; with clipping, the same terms from the clipped mean.
-    true_mean, _, true_log_var = q_posterior_mean_variance(schedule, x_start, x_t, t)
-    p = p_mean_variance(schedule, output, x_t, t, variance=variance, clip_denoised=True)
-    kl = jnp.mean(normal_kl(true_mean, true_log_var, p.mean, p.log_variance)) / math.log(2.0)
-    nll = -jnp.mean(
-        discretized_gaussian_log_likelihood(x_start, means=p.mean, log_scales=0.5 * p.log_variance)
-    ) / math.log(2.0)
-    return jnp.where(t == 0, nll, kl), mse
+    vb = vlb_terms_bpd(
+        output, schedule, x_start, x_t, t, variance=variance, clip_denoised=clip_denoised
+    )
+    return vb, mse
 
 
 def vlb_bpd_terms(
