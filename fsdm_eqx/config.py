@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
-from typing import Literal, TypeVar, cast, get_args
+from typing import Annotated, Literal, TypeVar, cast, get_args
+
+import tyro
 
 ScheduleName = Literal["linear", "cosine"]
 VarianceType = Literal["fixed_small", "fixed_large", "learned_range"]
@@ -217,9 +219,9 @@ class DataConfig:
 
     dataset: DatasetName = "cifar100"
     """`cifar100` (32x32 RGB), `omniglot` (background/evaluation characters) or `mnist`."""
-    data_dir: str | None = None
+    data_dir: Annotated[str | None, tyro.conf.arg(aliases=("--data-dir",))] = None
     """A local copy (archive, extracted folder or .npz); None downloads into `cache_dir`."""
-    cache_dir: str | None = None
+    cache_dir: Annotated[str | None, tyro.conf.arg(aliases=("--cache-dir",))] = None
     """Download cache; None uses $FSDM_EQX_CACHE or ~/.cache/fsdm_eqx."""
     download: bool = True
     """Whether missing files may be downloaded."""
@@ -361,8 +363,13 @@ class ModelConfig:
     """UNet attention heads."""
     unet_dropout: float = 0.2
     """Dropout in the UNet's residual blocks."""
+    remat: bool = False
+    """Recompute activations in the backward pass instead of storing them, per DiT block, UNet
+    residual and attention block, and around each encoder call: less memory, more compute."""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.remat, bool):
+            raise ValueError(f"ModelConfig.remat={self.remat!r} is not allowed; use True or False.")
         check_choice(self, "encoder", get_args(EncoderName))
         check_choice(self, "pooling", get_args(PoolingName))
         check_choice(self, "conditioning", get_args(ConditioningName))
@@ -618,6 +625,9 @@ class EvalConfig:
             check_range(self, "likelihood_steps", low=1)
 
 
+WandbMode = Literal["auto", "online", "offline", "disabled"]
+
+
 @no_type_check
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
@@ -641,6 +651,17 @@ class RunConfig:
     """Stop after this many evaluations without a lower `eval_loss`; 0 disables."""
     progress: bool = True
     """Show a progress bar with steps/s and the ETA."""
+    sample_every: int = 1000
+    """`images_fn` runs and its images are logged every this many steps; 0 never."""
+    wandb: WandbMode = "auto"
+    """Weights & Biases: `auto` is online when credentials exist and offline otherwise;
+    `disabled` creates no W&B run (metrics and images are still written under `run_dir`)."""
+    wandb_project: str = "fsdm_eqx"
+    """W&B project of the run."""
+    wandb_entity: str | None = None
+    """W&B entity (user or team); None uses the account's default."""
+    wandb_init_timeout: float = 30.0
+    """Seconds to wait for the W&B server before falling back to an offline run."""
 
     def __post_init__(self) -> None:
         run_dir = cast(object, self.run_dir)
@@ -650,7 +671,13 @@ class RunConfig:
             )
         for name in ("num_steps", "log_every", "keep_checkpoints"):
             check_range(self, name, low=1)
-        for name in ("eval_every", "save_every", "seed", "early_stopping_patience"):
+        for name in (
+            "eval_every",
+            "save_every",
+            "seed",
+            "early_stopping_patience",
+            "sample_every",
+        ):
             check_range(self, name, low=0)
         for name in (
             "num_steps",
@@ -660,6 +687,7 @@ class RunConfig:
             "keep_checkpoints",
             "seed",
             "early_stopping_patience",
+            "sample_every",
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
@@ -670,3 +698,17 @@ class RunConfig:
             raise ValueError(
                 f"RunConfig.progress={self.progress!r} is not allowed; it must be True or False."
             )
+        check_choice(self, "wandb", get_args(WandbMode))
+        project = cast(object, self.wandb_project)
+        if not isinstance(project, str) or not project:
+            raise ValueError(
+                f"RunConfig.wandb_project={self.wandb_project!r} is not allowed; "
+                "it must be a non-empty name."
+            )
+        entity = cast(object, self.wandb_entity)
+        if entity is not None and (not isinstance(entity, str) or not entity):
+            raise ValueError(
+                f"RunConfig.wandb_entity={self.wandb_entity!r} is not allowed; "
+                "it must be a non-empty name or None."
+            )
+        check_range(self, "wandb_init_timeout", low=0, low_inclusive=False)

@@ -39,6 +39,7 @@ from .data.pipeline import load_dataset, make_sampler
 from .instrument import ConsoleSink, JsonlSink, MultiSink
 from .metrics._inception_weights import InceptionWeightsError
 from .metrics.fewshot import fewshot_fid, to_uint8
+from .metrics.probe import fewshot_probe
 from .nn.fsdm import FSDM, count_parameters
 from .train import (
     fsdm_loss_fn,
@@ -73,6 +74,9 @@ class ExperimentConfig:
     fid: bool = True
     """Compute few-shot FID/KID/precision/recall on the `eval.eval_split` classes (needs the
     Inception weights: `eval.inception_weights` or a download)."""
+    probe: bool = True
+    """Run the few-shot classification probe on the `eval.eval_split` classes: each query image is
+    given the class whose support-set context is nearest to its own context."""
     grid_sets: int = 8
     """Support sets shown in ``samples.png``, each as a row of support images over a row of
     generated ones."""
@@ -125,6 +129,8 @@ PRESETS: dict[str, ExperimentConfig] = {
             feature_batch_size=50,
             kid_subset_size=25,
             kid_num_subsets=10,
+            probe_episodes=2,
+            probe_queries_per_class=5,
         ),
         run=RunConfig(run_dir="runs/smoke", num_steps=10, log_every=5, save_every=5, eval_every=0),
         eval_loss_batches=2,
@@ -151,35 +157,93 @@ with FiLM on the mean-pooled, variational context, learned variance, T = 1000 li
 a tiny evaluation that run the whole path in minutes on a CPU)."""
 
 
+def image_rows(rows: Sequence[np.ndarray]) -> UInt8[np.ndarray, "H W c"]:
+    """Rows of images (channels first) laid out as one image with 2-pixel white borders.
+
+    **Arguments:**
+    - `rows`: one uint8 array `(k, c, h, w)` per row; rows may hold different numbers `k`.
+
+    **Returns:** one uint8 image, channels last, as wide as the longest row.
+    """
+    _, c, h, w = rows[0].shape
+    cols = max(len(row) for row in rows)
+    pad = 2
+    out = np.full((len(rows) * (h + pad) + pad, cols * (w + pad) + pad, c), 255, np.uint8)
+    for i, images in enumerate(rows):
+        for j, image in enumerate(images):
+            y, x = pad + i * (h + pad), pad + j * (w + pad)
+            out[y : y + h, x : x + w] = image.transpose(1, 2, 0)
+    return out
+
+
 def _grid(
     support: UInt8[np.ndarray, "s m c h w"], generated: UInt8[np.ndarray, "s k c h w"]
 ) -> UInt8[np.ndarray, "H W c"]:
     """One image: for each set, its support images in a row over its generated images."""
-    s, m, c, h, w = support.shape
-    k = generated.shape[1]
-    cols = max(m, k)
-    pad = 2
-    out = np.full((2 * s * (h + pad) + pad, cols * (w + pad) + pad, c), 255, np.uint8)
-    for i in range(s):
-        for row, images in ((2 * i, support[i]), (2 * i + 1, generated[i])):
-            for j, image in enumerate(images):
-                y, x = pad + row * (h + pad), pad + j * (w + pad)
-                out[y : y + h, x : x + w] = image.transpose(1, 2, 0)
-    return out
+    return image_rows([row for pair in zip(support, generated, strict=True) for row in pair])
 
 
-def _write_png(path: Path, image: UInt8[np.ndarray, "H W c"]) -> None:
+def write_png(path: Path, image: UInt8[np.ndarray, "H W c"]) -> None:
+    """Write a uint8 image, channels last (one channel is written as gray)."""
     from PIL import Image
 
     array = image[..., 0] if image.shape[-1] == 1 else image
     Image.fromarray(array).save(path)
 
 
+def _as_tuples(value: Any) -> Any:
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def experiment_config_from_dict(values: dict[str, Any]) -> ExperimentConfig:
+    """Rebuild an `ExperimentConfig` from ``dataclasses.asdict`` output read back from JSON.
+
+    **Arguments:**
+    - `values`: the ``experiment`` entry of ``config.json`` or of a checkpoint's metadata.
+
+    **Returns:** the configuration (JSON lists become the tuples the configs hold); it raises
+    `ValueError` or `TypeError` when a field is unknown or a value is not allowed.
+    """
+    parts = {
+        "model": ModelConfig,
+        "diffusion": DiffusionConfig,
+        "optim": OptimConfig,
+        "data": DataConfig,
+        "eval": EvalConfig,
+        "run": RunConfig,
+    }
+    kwargs: dict[str, Any] = {}
+    for name, value in values.items():
+        if name in parts:
+            kwargs[name] = parts[name](**{k: _as_tuples(v) for k, v in value.items()})
+        else:
+            kwargs[name] = value
+    return ExperimentConfig(**kwargs)
+
+
+SUMMARY_METRICS = (
+    ("step", "steps trained"),
+    ("train_seconds", "training time (s)"),
+    ("train/loss", "training loss (last logged)"),
+    ("eval_loss", "EMA loss, validation classes"),
+    ("fid", "few-shot FID, unseen classes"),
+    ("kid_mean", "KID (mean)"),
+    ("kid_std", "KID (std)"),
+    ("precision", "precision"),
+    ("recall", "recall"),
+    ("fid_seconds", "FID evaluation time (s)"),
+    ("probe_accuracy", "few-shot probe accuracy"),
+    ("probe_top5_accuracy", "few-shot probe top-5 accuracy"),
+)
+"""The rows of the summary printed at the end of a run (`debug/` and system metrics stay in
+``metrics.json`` and the sinks)."""
+
+
 def _summary(metrics: dict[str, Any]) -> str:
-    rows = [(name, value) for name, value in metrics.items() if isinstance(value, int | float)]
-    width = max(len(name) for name, _ in rows)
+    rows = [(label, metrics[name]) for name, label in SUMMARY_METRICS if name in metrics]
+    width = max(len(label) for label, _ in rows)
     lines = [f"{'metric'.ljust(width)}  value", f"{'-' * width}  -----"]
-    lines += [f"{name.ljust(width)}  {value:.6g}" for name, value in rows]
+    lines += [f"{label.ljust(width)}  {value:.6g}" for label, value in rows]
     return "\n".join(lines)
 
 
@@ -279,6 +343,27 @@ def run_experiment(config: ExperimentConfig) -> dict[str, Any]:
             results[name] = float(getattr(fid, name))
         results["fid_detail"] = fid.to_dict()
         results["fid_seconds"] = time.perf_counter() - t1
+    if config.probe:
+        classes = split.classes(config.eval.eval_split)
+        chosen = np.isin(data.labels, classes)
+
+        def embed(x_set: Float[Array, "m c h w"]) -> Array:
+            # An encoder with a timestep token is read at t = 0, the clean images.
+            t = jnp.zeros(()) if config.model.encoder_time_token else None
+            return ema.context(x_set, t, inference=True).c
+
+        probe = fewshot_probe(
+            embed,
+            data.images[chosen],
+            data.labels[chosen],
+            classes=classes,
+            ns=config.eval.ns,
+            num_episodes=config.eval.probe_episodes,
+            queries_per_class=config.eval.probe_queries_per_class,
+            seed=config.eval.seed,
+        )
+        results["probe_accuracy"] = probe.accuracy
+        results["probe_top5_accuracy"] = probe.top5_accuracy
     (run_dir / "metrics.json").write_text(json.dumps(results, indent=2, sort_keys=True))
     print(_summary(results), flush=True)
     return results
@@ -332,7 +417,7 @@ def _samples_grid(
     keys = jax.random.split(jax.random.PRNGKey(config.eval.seed), config.grid_sets)
     generated = eqx.filter_jit(jax.vmap(generate))(jnp.asarray(support), keys)
     grid = _grid(to_uint8(support), to_uint8(np.asarray(generated)))
-    _write_png(run_dir / "samples.png", grid)
+    write_png(run_dir / "samples.png", grid)
     return {"samples_png": str(run_dir / "samples.png")}
 
 
