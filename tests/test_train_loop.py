@@ -1,5 +1,5 @@
-"""The training loop: logging, evaluation, resume (in process and after SIGKILL), the guard,
-early stopping, the sinks and RunConfig."""
+"""The training loop: logging, evaluation, the image and visuals hooks, resume (in process and
+after SIGKILL), the guard, early stopping, the sinks and RunConfig."""
 
 import json
 import os
@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import NamedTuple
 
 import equinox as eqx
 import jax
@@ -37,6 +38,8 @@ class RecordingSink:
     def __init__(self) -> None:
         self.logs: list[tuple[int, dict[str, float]]] = []
         self.images: list[tuple[int, dict[str, np.ndarray]]] = []
+        self.histograms: list[tuple[int, dict[str, np.ndarray]]] = []
+        self.tables: list[tuple[int, str, list[str], list[list[float | int | str]]]] = []
         self.closed = False
 
     def log(self, metrics: dict[str, float], step: int) -> None:
@@ -44,6 +47,14 @@ class RecordingSink:
 
     def log_images(self, images: dict[str, np.ndarray], step: int) -> None:
         self.images.append((step, images))
+
+    def log_histograms(self, values: dict[str, np.ndarray], step: int) -> None:
+        self.histograms.append((step, values))
+
+    def log_table(
+        self, name: str, columns: list[str], rows: list[list[float | int | str]], step: int
+    ) -> None:
+        self.tables.append((step, name, columns, rows))
 
     def close(self) -> None:
         self.closed = True
@@ -73,7 +84,7 @@ def fresh_state() -> TrainState:
     )
 
 
-def run(tmp_path, step_fn, batches=batch_fn, sink=None, eval_fn=None, **overrides):
+def run(tmp_path, step_fn, batches=batch_fn, sink=None, eval_fn=None, hooks=None, **overrides):
     fields = (
         dict(
             run_dir=str(tmp_path),
@@ -93,6 +104,7 @@ def run(tmp_path, step_fn, batches=batch_fn, sink=None, eval_fn=None, **override
         sink=sink if sink is not None else RecordingSink(),
         eval_fn=eval_fn,
         metadata={"experiment": "test"},
+        **(hooks or {}),
     )
 
 
@@ -125,6 +137,64 @@ def test_logs_evaluates_and_saves(tmp_path, step_fn):
     _, metadata = restore_checkpoint(tmp_path, like=state)
     assert metadata["sampler_position"] == 6 and metadata["experiment"] == "test"
     assert metadata["run_config"]["num_steps"] == 6 and metadata["run_config"]["save_every"] == 4
+
+
+class Visuals(NamedTuple):
+    images: dict[str, np.ndarray]
+    histograms: dict[str, np.ndarray]
+    scalars: dict[str, float]
+
+
+def test_images_visuals_and_system_metrics(tmp_path, step_fn):
+    sink = RecordingSink()
+    grid = np.full((4, 6, 3), 7, np.uint8)
+    weights = np.linspace(-1.0, 1.0, 11)
+    sampled: list[int] = []
+    visualised: list[int] = []
+
+    def images_fn(state):
+        sampled.append(int(state.step))
+        return {"generation/set_0": grid}
+
+    def visuals_fn(state):
+        visualised.append(int(state.step))
+        return Visuals({"encoder/rollout_set0": grid}, {"params/encoder": weights}, {"probe": 0.5})
+
+    hooks = dict(images_fn=images_fn, visuals_fn=visuals_fn)
+    run(tmp_path, step_fn, sink=sink, hooks=hooks, num_steps=6, sample_every=2, eval_every=3)
+    assert sampled == [2, 4, 6] and visualised == [3, 6]
+    assert [(s, sorted(i)) for s, i in sink.images] == [
+        (2, ["generation/set_0"]),
+        (3, ["encoder/rollout_set0"]),
+        (4, ["generation/set_0"]),
+        (6, ["generation/set_0"]),
+        (6, ["encoder/rollout_set0"]),
+    ]
+    assert all(np.array_equal(i, grid) for _, images in sink.images for i in images.values())
+    assert [s for s, _ in sink.histograms] == [3, 6]
+    assert all(np.array_equal(h["params/encoder"], weights) for _, h in sink.histograms)
+    assert [(s, m) for s, m in sink.logs if "probe" in m] == [
+        (3, {"probe": 0.5}),
+        (6, {"probe": 0.5}),
+    ]
+
+    stats = jax.local_devices()[0].memory_stats()
+    for _, metrics in (entry for entry in sink.logs if "loss" in entry[1]):
+        assert metrics["system/steps_per_second"] > 0
+        if stats is None or "bytes_in_use" not in stats:
+            assert "system/memory_in_use_bytes" not in metrics
+        else:
+            assert metrics["system/memory_in_use_bytes"] > 0
+        if stats is None or "peak_bytes_in_use" not in stats:
+            assert "system/memory_peak_bytes" not in metrics
+        else:
+            assert metrics["system/memory_peak_bytes"] >= metrics["system/memory_in_use_bytes"]
+
+    # sample_every=0 and eval_every=0 never call the hooks.
+    sampled.clear()
+    visualised.clear()
+    run(tmp_path / "never", step_fn, hooks=hooks, num_steps=4, sample_every=0, eval_every=0)
+    assert sampled == [] and visualised == []
 
 
 def test_resume_continues_exactly(tmp_path, step_fn, capsys):
@@ -301,6 +371,12 @@ def test_console_and_multi_sink(capsys):
         ("eval_every", 1.5),
         ("run_dir", ""),
         ("progress", 1),
+        ("sample_every", -1),
+        ("sample_every", 2.0),
+        ("wandb", "cloud"),
+        ("wandb_project", ""),
+        ("wandb_entity", ""),
+        ("wandb_init_timeout", 0),
     ],
 )
 def test_run_config_rejects_bad_values(field, value):

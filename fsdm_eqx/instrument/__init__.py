@@ -9,5 +9,7 @@ from .sinks import (
     ConsoleSink as ConsoleSink,
     JsonlSink as JsonlSink,
     MultiSink as MultiSink,
+    NullSink as NullSink,
     Sink as Sink,
 )
+from .wandb_sink import WandbSink as WandbSink, make_sink as make_sink

@@ -1,6 +1,8 @@
-"""Where the training loop's metrics and images go: a protocol and plain JSONL/console sinks.
+"""Where the training loop's metrics, images, histograms and tables go: a protocol and plain
+JSONL/console sinks.
 
-Sinks receive host values only (Python floats, uint8 numpy images), so they never touch JAX.
+Sinks receive host values only (Python floats, uint8 numpy images, numpy arrays of raw values),
+so they never touch JAX.
 """
 
 from __future__ import annotations
@@ -28,12 +30,67 @@ class Sink(Protocol):
         """Record uint8 images of shape (height, width, channels) at ``step``."""
         ...
 
+    def log_histograms(self, values: dict[str, np.ndarray], step: int) -> None:
+        """Record the distribution of each array of raw ``values`` at ``step`` (the sink bins
+        them with `histogram`)."""
+        ...
+
+    def log_table(
+        self, name: str, columns: list[str], rows: list[list[float | int | str]], step: int
+    ) -> None:
+        """Record a table ``name`` of ``rows`` (one value per column) at ``step``."""
+        ...
+
     def close(self) -> None:
         """Flush and release whatever the sink holds."""
         ...
 
 
-def _check_image(name: str, image: np.ndarray) -> np.ndarray:
+HISTOGRAM_BINS = 64
+"""Bins of every logged histogram (W&B's default)."""
+
+
+def histogram(
+    name: str, values: np.ndarray, bins: int = HISTOGRAM_BINS
+) -> tuple[np.ndarray, np.ndarray]:
+    """Bin the finite entries of ``values`` into ``bins`` equal bins over their range.
+
+    **Arguments:**
+    - `name`: what the values are, for the error message.
+    - `values`: any real array (flattened); NaN and infinities are left out.
+    - `bins`: the number of bins.
+
+    **Returns:** `(counts, edges)`: int64 counts of shape `(bins,)` and float64 edges of shape
+    `(bins + 1,)`, as `numpy.histogram` gives them. With no finite value all counts are zero.
+    """
+    array = np.asarray(values)
+    if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_) or np.iscomplexobj(
+        array
+    ):
+        raise ValueError(
+            f"Histogram {name!r} has dtype {array.dtype}; sinks take arrays of real numbers."
+        )
+    flat = array.astype(np.float64).ravel()
+    finite = flat[np.isfinite(flat)]
+    counts, edges = np.histogram(finite, bins=bins)
+    return counts.astype(np.int64), edges
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+
+
+def _check_table(name: str, columns: list[str], rows: list[list[float | int | str]]) -> None:
+    for index, row in enumerate(rows):
+        if len(row) != len(columns):
+            raise ValueError(
+                f"Table {name!r} row {index} has {len(row)} values for {len(columns)} columns "
+                f"{columns}; give one value per column."
+            )
+
+
+def check_image(name: str, image: np.ndarray) -> np.ndarray:
+    """``image`` as a uint8 (height, width[, 3 or 4]) array, or a ValueError naming ``name``."""
     if image.dtype != np.uint8 or image.ndim not in (2, 3):
         raise ValueError(
             f"Image {name!r} has dtype {image.dtype} and shape {image.shape}; sinks take uint8 "
@@ -52,7 +109,9 @@ def _finite_or_str(value: float) -> float | str:
 
 class JsonlSink:
     """Appends one JSON line per ``log`` call to ``run_dir/metrics.jsonl``; images are written as
-    PNG files ``run_dir/images/<name>_<step>.png``.
+    PNG files ``run_dir/images/<name>_<step>.png``, histograms as ``counts`` and ``edges`` in
+    ``run_dir/histograms/<name>_<step>.npz`` and tables as ``{"columns": ..., "rows": ...}`` in
+    ``run_dir/tables/<name>_<step>.json`` (``/`` and other odd characters of names become ``_``).
 
     **Arguments:**
     - `run_dir`: the run's directory (created if missing).
@@ -74,9 +133,27 @@ class JsonlSink:
         directory = self.run_dir / "images"
         directory.mkdir(exist_ok=True)
         for name, image in images.items():
-            safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
-            pixels = _check_image(name, np.asarray(image))
-            Image.fromarray(pixels).save(directory / f"{safe}_{int(step):08d}.png")
+            pixels = check_image(name, np.asarray(image))
+            Image.fromarray(pixels).save(directory / f"{_safe_name(name)}_{int(step):08d}.png")
+
+    def log_histograms(self, values: dict[str, np.ndarray], step: int) -> None:
+        directory = self.run_dir / "histograms"
+        directory.mkdir(exist_ok=True)
+        for name, array in values.items():
+            counts, edges = histogram(name, array)
+            np.savez(
+                directory / f"{_safe_name(name)}_{int(step):08d}.npz", counts=counts, edges=edges
+            )
+
+    def log_table(
+        self, name: str, columns: list[str], rows: list[list[float | int | str]], step: int
+    ) -> None:
+        _check_table(name, columns, rows)
+        directory = self.run_dir / "tables"
+        directory.mkdir(exist_ok=True)
+        cells = [[_finite_or_str(v) if isinstance(v, float) else v for v in row] for row in rows]
+        path = directory / f"{_safe_name(name)}_{int(step):08d}.json"
+        path.write_text(json.dumps({"columns": list(columns), "rows": cells}), encoding="utf-8")
 
     def close(self) -> None:
         self._file.close()
@@ -92,8 +169,37 @@ class ConsoleSink:
 
     def log_images(self, images: dict[str, np.ndarray], step: int) -> None:
         for name, image in images.items():
-            pixels = _check_image(name, np.asarray(image))
+            pixels = check_image(name, np.asarray(image))
             tqdm.write(f"step {int(step)} | image {name} {pixels.shape[1]}x{pixels.shape[0]}")
+
+    def log_histograms(self, values: dict[str, np.ndarray], step: int) -> None:
+        pass
+
+    def log_table(
+        self, name: str, columns: list[str], rows: list[list[float | int | str]], step: int
+    ) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class NullSink:
+    """Discards everything: the sink of processes other than 0, and of runs that log nothing."""
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def log_images(self, images: dict[str, np.ndarray], step: int) -> None:
+        pass
+
+    def log_histograms(self, values: dict[str, np.ndarray], step: int) -> None:
+        pass
+
+    def log_table(
+        self, name: str, columns: list[str], rows: list[list[float | int | str]], step: int
+    ) -> None:
+        pass
 
     def close(self) -> None:
         pass
@@ -112,6 +218,16 @@ class MultiSink:
     def log_images(self, images: dict[str, np.ndarray], step: int) -> None:
         for sink in self.sinks:
             sink.log_images(images, step)
+
+    def log_histograms(self, values: dict[str, np.ndarray], step: int) -> None:
+        for sink in self.sinks:
+            sink.log_histograms(values, step)
+
+    def log_table(
+        self, name: str, columns: list[str], rows: list[list[float | int | str]], step: int
+    ) -> None:
+        for sink in self.sinks:
+            sink.log_table(name, columns, rows, step)
 
     def close(self) -> None:
         for sink in self.sinks:

@@ -1,7 +1,9 @@
-"""The training loop: resume, step, log, evaluate, checkpoint, guard, stop early.
+"""The training loop: resume, step, log, sample, evaluate, checkpoint, guard, stop early.
 
 The loop never waits on the device per step: the non-finite flag of step ``i`` is read after step
-``i + 1`` has been dispatched, and the other metrics only every ``log_every`` steps.
+``i + 1`` has been dispatched, and the other metrics only every ``log_every`` steps, together with
+the throughput, progress and device memory. Images come every ``sample_every`` steps, the heavy
+visuals (images, histograms, scalars) at evaluation time.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +29,20 @@ from .state import TrainState
 StepFn = Callable[[TrainState, PyTree], tuple[TrainState, dict[str, Array]]]
 
 
+class VisualsLike(Protocol):
+    """What ``visuals_fn`` returns (`fsdm_eqx.instrument.Visuals`): uint8 images, arrays of raw
+    values to histogram, and scalars."""
+
+    @property
+    def images(self) -> dict[str, np.ndarray]: ...
+
+    @property
+    def histograms(self) -> dict[str, np.ndarray]: ...
+
+    @property
+    def scalars(self) -> dict[str, float]: ...
+
+
 class NonFiniteError(RuntimeError):
     """A training step produced a non-finite loss or gradient and the run stops."""
 
@@ -38,6 +54,16 @@ def _default_place(batch: PyTree) -> PyTree:
 def _images_per_step(batch: PyTree) -> int:
     shape = np.shape(jax.tree_util.tree_leaves(batch)[0])
     return int(np.prod(shape[:2])) if len(shape) >= 2 else int(np.prod(shape))
+
+
+def _memory_metrics() -> dict[str, float]:
+    """Bytes in use and at peak on the first local device, where the backend reports them."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    names = {
+        "bytes_in_use": "system/memory_in_use_bytes",
+        "peak_bytes_in_use": "system/memory_peak_bytes",
+    }
+    return {name: float(stats[key]) for key, name in names.items() if key in stats}
 
 
 def _offending(metrics: dict[str, float]) -> list[str]:
@@ -65,6 +91,8 @@ def train(
     metadata: dict[str, Any] | None = None,
     place_batch: Callable[[PyTree], PyTree] | None = None,
     skip_nonfinite: bool = False,
+    images_fn: Callable[[TrainState], dict[str, np.ndarray]] | None = None,
+    visuals_fn: Callable[[TrainState], VisualsLike] | None = None,
 ) -> TrainState:
     """Train ``state`` to ``config.num_steps`` steps, resuming from ``config.run_dir``.
 
@@ -74,7 +102,10 @@ def train(
     - `batch_fn`: `batch_fn(step) -> batch`, deterministic in `step`, so that a resumed run sees
       the batches the interrupted one would have seen.
     - `config`: the run's length, directory and intervals.
-    - `sink`: where metrics go (`JsonlSink`, `ConsoleSink`, `MultiSink`, the W&B sink).
+    - `sink`: where metrics go (`make_sink`, `JsonlSink`, `ConsoleSink`, `MultiSink`,
+      `WandbSink`). Besides the step's metrics the loop logs `system/steps_per_second`,
+      `system/images_per_second`, `system/memory_in_use_bytes` and `system/memory_peak_bytes`
+      (where the device reports them), `progress/percent_complete` and `progress/eta_seconds`.
     - `eval_fn`: `eval_fn(state) -> {"eval_loss": ..., ...}`, run every `config.eval_every`
       steps; `eval_loss` drives early stopping.
     - `metadata`: JSON-able facts stored in every checkpoint (model/data configs, class splits).
@@ -82,6 +113,10 @@ def train(
     - `skip_nonfinite`: pass `OptimConfig.skip_nonfinite`: when True a non-finite step (whose
       update the step function skipped) is counted in `debug/skipped_updates` and the run goes
       on; when False the run stops with `NonFiniteError`.
+    - `images_fn`: `images_fn(state) -> {name: uint8 HWC image}`, run every
+      `config.sample_every` steps (e.g. generations on sets fixed at the start).
+    - `visuals_fn`: `visuals_fn(state) -> Visuals`, run every `config.eval_every` steps; its
+      images, histograms and scalars go to the sink's matching methods.
 
     **Returns:** the final state.
 
@@ -186,6 +221,7 @@ def train(
                         "system/images_per_second": steps_per_second * images,
                         "progress/percent_complete": 100.0 * step / config.num_steps,
                         "progress/eta_seconds": (config.num_steps - step) / steps_per_second,
+                        **_memory_metrics(),
                     }
                 )
                 if skip_nonfinite:
@@ -195,7 +231,20 @@ def train(
                     bar.set_postfix(
                         loss=f"{host['loss']:.4g}", img_s=f"{steps_per_second * images:.3g}"
                     )
-            if eval_fn is not None and config.eval_every and step % config.eval_every == 0:
+            if images_fn is not None and config.sample_every and step % config.sample_every == 0:
+                check(pending)
+                sink.log_images(images_fn(state), step)
+            evaluating = config.eval_every and step % config.eval_every == 0
+            if visuals_fn is not None and evaluating:
+                check(pending)
+                visuals = visuals_fn(state)
+                if visuals.images:
+                    sink.log_images(visuals.images, step)
+                if visuals.histograms:
+                    sink.log_histograms(visuals.histograms, step)
+                if visuals.scalars:
+                    sink.log({k: float(v) for k, v in visuals.scalars.items()}, step)
+            if eval_fn is not None and evaluating:
                 check(pending)
                 results = {k: float(v) for k, v in eval_fn(state).items()}
                 sink.log(results, step)
