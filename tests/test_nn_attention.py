@@ -97,3 +97,22 @@ def test_timestep_embedding_matches_formula(dim):
     if dim % 2:
         ref.append(0.0)
     np.testing.assert_allclose(emb, np.array(ref), rtol=1e-5, atol=1e-5)
+
+
+def test_trace_keeps_the_residual_branches_of_the_same_forward():
+    tr = Transformer(8, depth=2, num_heads=2, head_dim=4, mlp_dim=16, key=jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (5, 8))
+    out = tr.trace(x, inference=True)
+    tokens, weights = tr(x, inference=True)
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(tokens))
+    np.testing.assert_array_equal(np.asarray(out.attention), np.asarray(weights))
+    assert out.attn_out.shape == out.mlp_out.shape == (2, 5, 8)
+    # each block adds its two branches to the residual stream, computed from its own layers
+    h = x
+    for i, block in enumerate(tr.blocks):
+        attn = block.attention(jax.vmap(block.norm1)(h))[0]
+        np.testing.assert_allclose(np.asarray(out.attn_out[i]), np.asarray(attn), atol=1e-6)
+        mlp = block.mlp(jax.vmap(block.norm2)(h + attn))
+        np.testing.assert_allclose(np.asarray(out.mlp_out[i]), np.asarray(mlp), atol=1e-6)
+        h = h + attn + mlp
+    np.testing.assert_allclose(np.asarray(out.tokens), np.asarray(h), atol=1e-5)

@@ -51,6 +51,18 @@ def test_pooling_shapes_and_permutation_invariance(kind, x_set):
         np.testing.assert_allclose(np.asarray(permuted), np.asarray(out), rtol=1e-5, atol=1e-5)
 
 
+def test_trace_is_the_forward_of_encode(x_set):
+    enc = _encoder("svit", "mean_patch", time_token=True)
+    t = jnp.asarray(4.0)
+    out = enc.trace(x_set, t, inference=True)
+    context, weights = enc.encode(x_set, t, inference=True)
+    np.testing.assert_array_equal(np.asarray(out.context), np.asarray(context))
+    np.testing.assert_array_equal(np.asarray(out.attention), np.asarray(weights))
+    n = 2 + x_set.shape[0] * (SIZE // PATCH) ** 2
+    assert out.attn_out.shape == out.mlp_out.shape == (2, n, 12)
+    assert enc.trunk.num_special == 2 and _encoder("vit", "cls").trunk.num_special == 1
+
+
 def test_set_size_is_free_and_order_matters_only_within_images(x_set):
     enc = _encoder("vit", "mean")
     assert enc(x_set[:1], inference=True).shape == (HDIM,)

@@ -1,15 +1,17 @@
 """Attention, MLP and pre-norm transformer blocks shared by the set encoders and the DiT.
 
-Attention always returns its weights next to its output: callers that only need the output drop
-them (and XLA drops their computation), while the W&B attention maps read them from the same code
-path. Locality Self-Attention (Lee et al. 2021, "Vision Transformer for Small-Size Datasets") is a
-switch of the same module: a learned softmax temperature and a masked diagonal.
+Attention always returns its weights next to its output, and the transformer blocks can return
+their residual branches (`trace`): callers that only need the output drop them (and XLA drops
+their computation), while the instrumentation reads them from the same code path. Locality
+Self-Attention (Lee et al. 2021, "Vision Transformer for Small-Size Datasets") is a switch of the
+same module: a learned softmax temperature and a masked diagonal.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import equinox as eqx
 import jax
@@ -231,6 +233,23 @@ class MLP(eqx.Module):
         return self.dropout(apply_tokens(self.fc2, h), key=key2, inference=inference)
 
 
+class TransformerTrace(NamedTuple):
+    """A transformer's output together with intermediates of the same forward pass.
+
+    For a `TransformerBlock` the fields are those of one block; a `Transformer` stacks the last
+    three along a leading `depth` axis.
+    """
+
+    tokens: Array
+    """The output tokens, `(n, d)`."""
+    attention: Array
+    """The attention weights, `(heads, n, n)` (rows sum to one)."""
+    attn_out: Array
+    """The attention branch added to the residual stream, `(n, d)`."""
+    mlp_out: Array
+    """The MLP branch added to the residual stream, `(n, d)`."""
+
+
 class TransformerBlock(eqx.Module):
     """A pre-norm transformer block: ``x + Attn(LN(x))``, then ``x + MLP(LN(x))``."""
 
@@ -265,15 +284,30 @@ class TransformerBlock(eqx.Module):
         self.norm2 = eqx.nn.LayerNorm(dim)
         self.mlp = MLP(dim, mlp_dim, dropout=dropout, key=mlp_key)
 
+    def trace(
+        self, x: Float[Array, "n d"], *, key: PRNGKeyArray | None = None, inference: bool = False
+    ) -> TransformerTrace:
+        """Apply the block and keep its residual branches (for instrumentation).
+
+        **Arguments:**
+        - `x`: the input tokens.
+        - `key`: dropout randomness.
+        - `inference`: disables dropout.
+
+        **Returns:** the output tokens, attention weights, attention branch and MLP branch.
+        """
+        attn_key, mlp_key = split_key(key, 2)
+        h, weights = self.attention(apply_tokens(self.norm1, x), key=attn_key, inference=inference)
+        x = x + h
+        m = self.mlp(apply_tokens(self.norm2, x), key=mlp_key, inference=inference)
+        return TransformerTrace(x + m, weights, h, m)
+
     def __call__(
         self, x: Float[Array, "n d"], *, key: PRNGKeyArray | None = None, inference: bool = False
     ) -> tuple[Float[Array, "n d"], Float[Array, "heads n n"]]:
         """Apply the block; returns the tokens and the attention weights."""
-        attn_key, mlp_key = split_key(key, 2)
-        h, weights = self.attention(apply_tokens(self.norm1, x), key=attn_key, inference=inference)
-        x = x + h
-        x = x + self.mlp(apply_tokens(self.norm2, x), key=mlp_key, inference=inference)
-        return x, weights
+        out = self.trace(x, key=key, inference=inference)
+        return out.tokens, out.attention
 
 
 class Transformer(eqx.Module):
@@ -307,12 +341,33 @@ class Transformer(eqx.Module):
             for k in jax.random.split(key, depth)
         )
 
+    def trace(
+        self, x: Float[Array, "n d"], *, key: PRNGKeyArray | None = None, inference: bool = False
+    ) -> TransformerTrace:
+        """Apply every block and keep their residual branches (for instrumentation).
+
+        **Arguments:**
+        - `x`: the input tokens.
+        - `key`: dropout randomness.
+        - `inference`: disables dropout.
+
+        **Returns:** the output tokens, and the attention weights `(depth, heads, n, n)`, attention
+        branches `(depth, n, d)` and MLP branches `(depth, n, d)` of the blocks in order.
+        """
+        traces: list[TransformerTrace] = []
+        for block, block_key in zip(self.blocks, split_key(key, len(self.blocks)), strict=True):
+            traces.append(block.trace(x, key=block_key, inference=inference))
+            x = traces[-1].tokens
+        return TransformerTrace(
+            x,
+            jnp.stack([tr.attention for tr in traces]),
+            jnp.stack([tr.attn_out for tr in traces]),
+            jnp.stack([tr.mlp_out for tr in traces]),
+        )
+
     def __call__(
         self, x: Float[Array, "n d"], *, key: PRNGKeyArray | None = None, inference: bool = False
     ) -> tuple[Float[Array, "n d"], Float[Array, "depth heads n n"]]:
         """Apply every block; returns the tokens and the stacked attention weights."""
-        all_weights = []
-        for block, block_key in zip(self.blocks, split_key(key, len(self.blocks)), strict=True):
-            x, weights = block(x, key=block_key, inference=inference)
-            all_weights.append(weights)
-        return x, jnp.stack(all_weights)
+        out = self.trace(x, key=key, inference=inference)
+        return out.tokens, out.attention

@@ -28,7 +28,7 @@ Differences from the reference code:
 from __future__ import annotations
 
 import abc
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import equinox as eqx
 import jax
@@ -42,6 +42,19 @@ Pooling = Literal["cls", "mean", "sum", "mean_patch"]
 POOLINGS: tuple[Pooling, ...] = ("cls", "mean", "sum", "mean_patch")
 Context = Float[Array, " hdim"] | Float[Array, "p hdim"]
 """An encoder's output: one vector (FiLM) or one token per patch position (LAG)."""
+
+
+class EncoderTrace(NamedTuple):
+    """A set encoder's context together with intermediates of the same forward pass."""
+
+    context: Array
+    """The pooled context, `(hdim,)` or `(patches, hdim)` for `mean_patch` pooling."""
+    attention: Array
+    """The attention weights of every block, `(depth, heads, tokens, tokens)`."""
+    attn_out: Array
+    """The attention branch of every block, `(depth, tokens, dim)`."""
+    mlp_out: Array
+    """The MLP branch of every block, `(depth, tokens, dim)`."""
 
 
 def shifted_patch_input(x: Float[Array, "c h w"], shift: int) -> Float[Array, "c5 h w"]:
@@ -117,15 +130,20 @@ class SetTransformer(eqx.Module):
         self.num_patches = num_patches
         self.time_dim = time_dim
 
-    def __call__(
+    @property
+    def num_special(self) -> int:
+        """The tokens before the patches: the class token, and the timestep token if any."""
+        return 1 if self.time_proj is None else 2
+
+    def trace(
         self,
         patches: Float[Array, "m p dim"],
         t: Float[Array, ""] | None,
         *,
         key: PRNGKeyArray | None,
         inference: bool,
-    ) -> tuple[Context, Float[Array, "depth heads n n"]]:
-        """Pool the set's patch tokens into the context; also returns the attention weights."""
+    ) -> EncoderTrace:
+        """Pool the set's patch tokens into the context, keeping the transformer's intermediates."""
         m, p, dim = patches.shape
         special = [self.cls_token[None]]
         if self.time_proj is not None:
@@ -145,7 +163,8 @@ class SetTransformer(eqx.Module):
         tokens = jnp.concatenate([*special, patches.reshape(m * p, dim)], axis=0) + position
         drop_key, tr_key = split_key(key, 2)
         tokens = self.dropout(tokens, key=drop_key, inference=inference)
-        tokens, weights = self.transformer(tokens, key=tr_key, inference=inference)
+        out = self.transformer.trace(tokens, key=tr_key, inference=inference)
+        tokens = out.tokens
         if self.pooling == "cls":
             pooled = tokens[0]
         elif self.pooling == "mean":
@@ -155,18 +174,51 @@ class SetTransformer(eqx.Module):
         else:
             pooled = jnp.mean(tokens[k:].reshape(m, p, dim), axis=0)
         if pooled.ndim == 1:
-            return self.head(self.head_norm(pooled)), weights
-        return apply_tokens(self.head, apply_tokens(self.head_norm, pooled)), weights
+            context = self.head(self.head_norm(pooled))
+        else:
+            context = apply_tokens(self.head, apply_tokens(self.head_norm, pooled))
+        return EncoderTrace(context, out.attention, out.attn_out, out.mlp_out)
+
+    def __call__(
+        self,
+        patches: Float[Array, "m p dim"],
+        t: Float[Array, ""] | None,
+        *,
+        key: PRNGKeyArray | None,
+        inference: bool,
+    ) -> tuple[Context, Float[Array, "depth heads n n"]]:
+        """Pool the set's patch tokens into the context; also returns the attention weights."""
+        out = self.trace(patches, t, key=key, inference=inference)
+        return out.context, out.attention
 
 
 class AbstractSetEncoder(eqx.Module):
     """An encoder of a set of images into one context (a vector, or tokens for LAG)."""
 
     trunk: eqx.AbstractVar[SetTransformer]
+    patch_size: eqx.AbstractVar[int]
 
     @abc.abstractmethod
     def patch_tokens(self, x_set: Float[Array, "m c h w"]) -> Float[Array, "m p dim"]:
         """Embed every image of the set into its patch tokens."""
+
+    def trace(
+        self,
+        x_set: Float[Array, "m c h w"],
+        t: Float[Array, ""] | None = None,
+        *,
+        key: PRNGKeyArray | None = None,
+        inference: bool = False,
+    ) -> EncoderTrace:
+        """Encode a set, keeping the intermediates that the instrumentation reads.
+
+        **Arguments:** as for `encode`.
+
+        **Returns:** the context, the attention weights `(depth, heads, tokens, tokens)`, and the
+        attention and MLP branches of every block `(depth, tokens, dim)`; the token order is that
+        of `encode`.
+        """
+        return self.trunk.trace(self.patch_tokens(x_set), t, key=key, inference=inference)
 
     def encode(
         self,
@@ -188,7 +240,8 @@ class AbstractSetEncoder(eqx.Module):
         the attention weights `(depth, heads, tokens, tokens)`; the token order is class token,
         timestep token (if any), then the patches of each image in turn.
         """
-        return self.trunk(self.patch_tokens(x_set), t, key=key, inference=inference)
+        out = self.trace(x_set, t, key=key, inference=inference)
+        return out.context, out.attention
 
     def __call__(
         self,
