@@ -368,7 +368,7 @@ class ModelConfig:
     residual and attention block, and around each encoder call: less memory, more compute."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.remat, bool):
+        if not isinstance(cast(object, self.remat), bool):
             raise ValueError(f"ModelConfig.remat={self.remat!r} is not allowed; use True or False.")
         check_choice(self, "encoder", get_args(EncoderName))
         check_choice(self, "pooling", get_args(PoolingName))

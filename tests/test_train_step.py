@@ -1,5 +1,7 @@
 """The optimiser, the EMA, the norms and the guard of the training step."""
 
+import functools
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -9,14 +11,28 @@ import pytest
 from fsdm_eqx.config import OptimConfig
 from fsdm_eqx.instrument import context_statistics, subtree_norms
 from fsdm_eqx.train import init_train_state, learning_rate_schedule, make_train_step
-from tests.train_fixtures import TinyModel, tiny_batches, tiny_loss
+from fsdm_eqx.train.step import grad_param_ratios
+from tests.train_fixtures import (
+    TinyModel,
+    tiny_batches,
+    tiny_context,
+    tiny_loss,
+    tiny_loss_given_context,
+    tiny_noise,
+)
+
+
+@functools.cache
+def cached_step(loss_fn, config: OptimConfig, total_steps: int):
+    """One jitted step per setting, so that tests sharing a setting compile it once."""
+    return make_train_step(loss_fn, config, total_steps=total_steps)
 
 
 def run(config: OptimConfig, steps: int = 3, loss_fn=tiny_loss, total_steps: int = 100):
     state = init_train_state(
         TinyModel(jax.random.key(0)), config, key=jax.random.key(1), total_steps=total_steps
     )
-    step = make_train_step(loss_fn, config, total_steps=total_steps)
+    step = cached_step(loss_fn, config, total_steps)
     initial = jax.tree_util.tree_map(lambda x: x.copy() if isinstance(x, jax.Array) else x, state)
     history = []
     for batch in tiny_batches(steps):
@@ -58,6 +74,9 @@ def test_step_trains_and_reports_every_metric() -> None:
         "debug/grad_norm", "debug/grad_norm_encoder", "debug/grad_norm_denoiser",
         "debug/param_norm", "debug/param_norm_encoder", "debug/param_norm_denoiser",
         "debug/context_norm", "debug/context_mean", "debug/context_max", "debug/context_std",
+        "debug/context_grad_norm", "Optim/lr", "Optim/update_global_norm", "Optim/ema_decay",
+        "debug/grad_param_ratio", "debug/grad_param_ratio_encoder",
+        "debug/grad_param_ratio_denoiser",
     }  # fmt: skip
     assert expected <= set(history[0])
     assert history[0]["lr"] == pytest.approx(1e-2)
@@ -134,8 +153,8 @@ def test_ema_every_k_steps() -> None:
 
 
 def test_nonfinite_loss_skips_the_update() -> None:
-    def poisoned(model, x_set, key):
-        loss, aux = tiny_loss(model, x_set, key)
+    def poisoned(model, x_set, key, *, context_offset=None):
+        loss, aux = tiny_loss(model, x_set, key, context_offset=context_offset)
         bad = jnp.any(x_set > 100.0)
         return jnp.where(bad, jnp.nan, loss), aux
 
@@ -165,3 +184,79 @@ def test_bfloat16_compute_is_close_to_float32() -> None:
 def test_unknown_subtree_names_are_one_clear_error() -> None:
     with pytest.raises(ValueError, match="does not have"):
         run(OptimConfig(frozen=("decoder",)), steps=1)
+
+
+def test_grad_param_ratios_match_numpy_on_a_known_tree() -> None:
+    grads = {"a": {"w": jnp.array([0.3, 0.4])}, "b": [jnp.ones((2, 2)), jnp.array(-2.0)]}
+    params = {"a": {"w": jnp.array([6.0, 8.0])}, "b": [jnp.zeros((2, 2)), jnp.array(0.0)]}
+    ratios = grad_param_ratios(grads, params)
+    assert set(ratios) == {
+        "debug/grad_param_ratio",
+        "debug/grad_param_ratio_a",
+        "debug/grad_param_ratio_b",
+    }
+    assert float(ratios["debug/grad_param_ratio_a"]) == pytest.approx(0.5 / 10.0)
+    assert float(ratios["debug/grad_param_ratio_b"]) == 0.0  # zero parameters: reported as 0
+    assert float(ratios["debug/grad_param_ratio"]) == pytest.approx(np.sqrt(0.25 + 8) / 10.0)
+
+
+def test_optimiser_metrics_match_the_applied_update() -> None:
+    config = OptimConfig(lr=1e-2, warmup_steps=4)
+    _, state, history = run(config, steps=3)
+    assert [h["Optim/lr"] for h in history] == pytest.approx([0.0, 0.25e-2, 0.5e-2])
+    assert all(h["Optim/lr"] == h["lr"] for h in history)
+    _, one, first = run(config, steps=2)
+    delta = [
+        np.asarray(b, np.float64) - np.asarray(a, np.float64)
+        for a, b in zip(
+            jax.tree_util.tree_leaves(eqx.filter(one.model, eqx.is_array)),
+            jax.tree_util.tree_leaves(eqx.filter(state.model, eqx.is_array)),
+            strict=True,
+        )
+    ]
+    # The third step's update is the difference of the parameters after steps 2 and 3.
+    metrics = history[2]
+    assert metrics["Optim/update_global_norm"] == pytest.approx(
+        np.sqrt(sum(np.sum(d**2) for d in delta)), rel=1e-3
+    )
+    assert metrics["Optim/update_global_norm"] == metrics["debug/update_norm"]
+    assert first[1] == history[1]
+    for name in ("", "_encoder", "_denoiser"):
+        assert metrics[f"debug/grad_param_ratio{name}"] == pytest.approx(
+            metrics[f"debug/grad_norm{name}"] / metrics[f"debug/param_norm{name}"], rel=1e-6
+        )
+
+
+def test_ema_decay_metric_is_the_decay_applied_at_each_step() -> None:
+    config = OptimConfig(lr=1e-2, ema_decay=0.9, ema_start=2, ema_every=2)
+    _, _, history = run(config, steps=5)
+    # step 1: a copy (decay 0); steps 2 and 4 average; steps 3 and 5 leave the EMA alone.
+    assert [h["Optim/ema_decay"] for h in history] == pytest.approx([0.0, 0.9, 0.0, 0.9, 0.0])
+
+
+def test_context_grad_norm_matches_a_closure_over_the_context() -> None:
+    config = OptimConfig(lr=1e-2)
+    initial, _, history = run(config, steps=1)
+    batch = jnp.asarray(tiny_batches(1)[0])
+    _, step_key = jax.random.split(initial.key)
+    keys = jax.random.split(step_key, batch.shape[0])
+    model = initial.model
+    noises = jax.vmap(tiny_noise)(keys, batch)
+
+    @jax.jit
+    def norm_of_set(x_set, noise):
+        context = tiny_context(model, x_set)
+        grad = jax.grad(lambda c: tiny_loss_given_context(model, x_set, noise, c))(context)
+        return jnp.linalg.norm(grad)
+
+    expected = np.mean([float(norm_of_set(batch[b], noises[b])) for b in range(batch.shape[0])])
+    assert expected > 0
+    assert history[0]["debug/context_grad_norm"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_loss_reporting_a_context_must_take_the_offset() -> None:
+    def no_offset(model, x_set, key):
+        return tiny_loss(model, x_set, key)
+
+    with pytest.raises(TypeError, match="context_offset"):
+        run(OptimConfig(), steps=1, loss_fn=no_offset)

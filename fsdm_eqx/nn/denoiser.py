@@ -1,9 +1,14 @@
 """The one interface every denoiser implements (DiT, UNet)."""
 
 import abc
+from collections.abc import Callable
+from typing import TypeVar
 
 import equinox as eqx
+import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
+
+_T = TypeVar("_T")
 
 
 class AbstractDenoiser(eqx.Module):
@@ -36,3 +41,30 @@ class AbstractDenoiser(eqx.Module):
 
         **Returns:** the prediction, channels first.
         """
+
+    @abc.abstractmethod
+    def modulation(
+        self, t: Float[Array, ""], context: Float[Array, " d"] | Float[Array, "n d"]
+    ) -> dict[str, Float[Array, ""]]:
+        """The RMS of every conditioning vector the denoiser applies at ``(t, context)``.
+
+        Read from the model's own modulation layers (adaLN shift/scale/gate, FiLM scale/shift),
+        as a training diagnostic: their size says how strongly each block is conditioned.
+
+        **Arguments:**
+        - `t`: the diffusion timestep.
+        - `context`: the conditioning vector or tokens.
+
+        **Returns:** `{"<block>/<part>": rms}` in float32, e.g. `"block0/gate_msa"`.
+        """
+
+
+def rms(v: Float[Array, "*shape"]) -> Float[Array, ""]:
+    """The root mean square of the entries of ``v``, in float32."""
+    return jnp.sqrt(jnp.mean(jnp.square(v.astype(jnp.float32))))
+
+
+def maybe_checkpoint(fn: Callable[..., _T], remat: bool) -> Callable[..., _T]:
+    """``fn`` under `eqx.filter_checkpoint` when ``remat``: its activations are recomputed in
+    the backward pass instead of stored, trading compute for memory."""
+    return eqx.filter_checkpoint(fn) if remat else fn

@@ -28,9 +28,11 @@ from .attention import (
     timestep_embedding,
     zero_linear,
 )
-from .denoiser import AbstractDenoiser
+from .denoiser import AbstractDenoiser, maybe_checkpoint, rms
 
 Conditioning = Literal["film", "lag"]
+ADALN_PARTS = ("shift_msa", "scale_msa", "gate_msa", "shift_mlp", "scale_mlp", "gate_mlp")
+"""The six adaLN-Zero vectors of a DiT block, in the order its modulation layer outputs them."""
 DIT_SIZES: dict[str, tuple[int, int, int]] = {"S": (384, 12, 6), "B": (768, 12, 12)}
 """Named DiT sizes: (hidden width, depth, heads)."""
 
@@ -86,8 +88,9 @@ class TimestepEmbedder(eqx.Module):
         self.frequency_dim = frequency_dim
 
     def __call__(self, t: Float[Array, ""]) -> Float[Array, " hidden"]:
-        """Embed the (possibly fractional) timestep ``t``."""
-        return self.fc2(jax.nn.silu(self.fc1(timestep_embedding(t, self.frequency_dim))))
+        """Embed the (possibly fractional) timestep ``t``, in the dtype of the weights."""
+        frequencies = timestep_embedding(t, self.frequency_dim).astype(self.fc1.weight.dtype)
+        return self.fc2(jax.nn.silu(self.fc1(frequencies)))
 
 
 class DiTBlock(eqx.Module):
@@ -161,6 +164,10 @@ class DiTBlock(eqx.Module):
         bias = bias.at[5 * hidden :].set(gate_bias)
         self.modulation = eqx.tree_at(lambda m: m.bias, modulation, bias)
 
+    def adaln(self, c: Float[Array, " d"]) -> tuple[Float[Array, " d"], ...]:
+        """The six adaLN-Zero vectors for the conditioning vector ``c`` (see `ADALN_PARTS`)."""
+        return tuple(jnp.split(self.modulation(jax.nn.silu(c)), 6))
+
     def __call__(
         self,
         x: Float[Array, "n d"],
@@ -176,8 +183,7 @@ class DiTBlock(eqx.Module):
 
         **Returns:** the new tokens.
         """
-        mod = self.modulation(jax.nn.silu(c))
-        shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod, 6)
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaln(c)
         h, _ = self.attention(modulate(apply_tokens(self.norm1, x), shift1, scale1))
         x = x + gate1[None] * h
         if self.cross_attention is not None and self.norm_cross is not None:
@@ -203,9 +209,14 @@ class FinalLayer(eqx.Module):
         self.modulation = zero_linear(eqx.nn.Linear(hidden, 2 * hidden, key=key1))
         self.linear = zero_linear(eqx.nn.Linear(hidden, patch_dim, key=key2))
 
+    def adaln(self, c: Float[Array, " d"]) -> tuple[Float[Array, " d"], Float[Array, " d"]]:
+        """The shift and scale vectors for the conditioning vector ``c``."""
+        shift, scale = jnp.split(self.modulation(jax.nn.silu(c)), 2)
+        return shift, scale
+
     def __call__(self, x: Float[Array, "n d"], c: Float[Array, " d"]) -> Float[Array, "n pd"]:
         """Map the tokens to patch pixels, modulated by ``c``."""
-        shift, scale = jnp.split(self.modulation(jax.nn.silu(c)), 2)
+        shift, scale = self.adaln(c)
         return apply_tokens(self.linear, modulate(apply_tokens(self.norm, x), shift, scale))
 
 
@@ -223,6 +234,7 @@ class DiT(AbstractDenoiser):
     patch_size: int = eqx.field(static=True)
     hidden: int = eqx.field(static=True)
     conditioning: Conditioning = eqx.field(static=True)
+    remat: bool = eqx.field(static=True)
 
     def __init__(
         self,
@@ -238,6 +250,7 @@ class DiT(AbstractDenoiser):
         context_dim: int,
         conditioning: Conditioning = "film",
         gate_bias: float = 0.0,
+        remat: bool = False,
         key: PRNGKeyArray,
     ):
         """**Arguments:**
@@ -249,6 +262,8 @@ class DiT(AbstractDenoiser):
         - `context_dim`: size of the context vector (FiLM) or of each context token (LAG).
         - `conditioning`: `film` or `lag`.
         - `gate_bias`: initial bias of the blocks' gates (0: adaLN-Zero).
+        - `remat`: recompute each block's activations in the backward pass instead of storing
+          them (`eqx.filter_checkpoint`): less memory, about one more forward pass of compute.
         - `key`: initialisation randomness.
         """
         if image_size % patch_size:
@@ -287,6 +302,33 @@ class DiT(AbstractDenoiser):
         self.patch_size = patch_size
         self.hidden = hidden
         self.conditioning = conditioning
+        self.remat = remat
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        """The dtype of the weights, in which the network computes (bfloat16 under mixed
+        precision); inputs are cast to it."""
+        return self.patch_embed.weight.dtype
+
+    def condition(
+        self, t: Float[Array, ""], context: Float[Array, " d"] | Float[Array, "n d"]
+    ) -> tuple[Float[Array, " hidden"], Float[Array, "m hidden"] | None]:
+        """The conditioning vector of the adaLN layers and, for LAG, the context tokens."""
+        context = context.astype(self.compute_dtype)
+        c = self.t_embedder(t)
+        if self.conditioning == "film":
+            if context.ndim != 1:
+                raise ValueError(
+                    f"FiLM conditioning takes one context vector, got shape {context.shape}; "
+                    "use pooling 'cls', 'mean' or 'sum'."
+                )
+            return c + self.context_proj(context), None
+        if context.ndim != 2:
+            raise ValueError(
+                f"LAG conditioning takes context tokens, got shape {context.shape}; "
+                "use pooling 'mean_patch'."
+            )
+        return c, apply_tokens(self.context_proj, context)
 
     def embed(
         self,
@@ -301,22 +343,12 @@ class DiT(AbstractDenoiser):
                 f"{(self.in_channels, self.image_size, self.image_size)}, got {x_t.shape}."
             )
         grid = self.image_size // self.patch_size
-        tokens = apply_tokens(self.patch_embed, patchify_channels_first(x_t, self.patch_size))
-        tokens = tokens + jnp.asarray(sincos_position_embedding(self.hidden, grid))
-        c = self.t_embedder(t)
-        if self.conditioning == "film":
-            if context.ndim != 1:
-                raise ValueError(
-                    f"FiLM conditioning takes one context vector, got shape {context.shape}; "
-                    "use pooling 'cls', 'mean' or 'sum'."
-                )
-            return tokens, c + self.context_proj(context), None
-        if context.ndim != 2:
-            raise ValueError(
-                f"LAG conditioning takes context tokens, got shape {context.shape}; "
-                "use pooling 'mean_patch'."
-            )
-        return tokens, c, apply_tokens(self.context_proj, context)
+        dtype = self.compute_dtype
+        patches = patchify_channels_first(x_t.astype(dtype), self.patch_size)
+        tokens = apply_tokens(self.patch_embed, patches)
+        tokens = tokens + jnp.asarray(sincos_position_embedding(self.hidden, grid), dtype)
+        c, context_tokens = self.condition(t, context)
+        return tokens, c, context_tokens
 
     def __call__(
         self,
@@ -335,13 +367,37 @@ class DiT(AbstractDenoiser):
         - `context`: a vector for `film`, tokens for `lag`.
         - `key`, `inference`: accepted for the denoiser interface; DiT has no dropout.
 
-        **Returns:** the prediction `(out_channels, h, w)`.
+        **Returns:** the prediction `(out_channels, h, w)`, in the weights' dtype.
         """
         del key, inference
         tokens, c, context_tokens = self.embed(x_t, t, context)
+
+        def apply(
+            block: DiTBlock,
+            tokens: Float[Array, "p hidden"],
+            c: Float[Array, " hidden"],
+            context_tokens: Float[Array, "m hidden"] | None,
+        ) -> Float[Array, "p hidden"]:
+            return block(tokens, c, context_tokens)
+
+        apply = maybe_checkpoint(apply, self.remat)
         for block in self.blocks:
-            tokens = block(tokens, c, context_tokens)
+            tokens = apply(block, tokens, c, context_tokens)
         return unpatchify(self.final(tokens, c), self.patch_size, self.out_channels)
+
+    def modulation(
+        self, t: Float[Array, ""], context: Float[Array, " d"] | Float[Array, "n d"]
+    ) -> dict[str, Float[Array, ""]]:
+        """RMS of the adaLN-Zero vectors: `block{i}/<part>` for each part of `ADALN_PARTS`,
+        and `final/shift`, `final/scale`; see `AbstractDenoiser.modulation`."""
+        c, _ = self.condition(t, context)
+        out: dict[str, Float[Array, ""]] = {}
+        for i, block in enumerate(self.blocks):
+            for part, vector in zip(ADALN_PARTS, block.adaln(c), strict=True):
+                out[f"block{i}/{part}"] = rms(vector)
+        shift, scale = self.final.adaln(c)
+        out["final/shift"], out["final/scale"] = rms(shift), rms(scale)
+        return out
 
 
 def patchify_channels_first(x: Float[Array, "c h w"], patch_size: int) -> Float[Array, "n pd"]:

@@ -30,7 +30,7 @@ from .. import diffusion
 from ..config import DiffusionConfig, ModelConfig
 from ..diffusion import Schedule
 from .attention import split_key
-from .denoiser import AbstractDenoiser
+from .denoiser import AbstractDenoiser, maybe_checkpoint
 from .dit import DiT
 from .posterior import GaussianPosterior, gaussian_kl, reparameterize
 from .unet import UNet
@@ -90,6 +90,7 @@ def build_denoiser(config: ModelConfig, *, key: PRNGKeyArray) -> AbstractDenoise
             context_dim=config.hdim,
             conditioning=config.conditioning,
             gate_bias=config.dit_gate_bias,
+            remat=config.remat,
             key=key,
         )
     return UNet(
@@ -104,8 +105,17 @@ def build_denoiser(config: ModelConfig, *, key: PRNGKeyArray) -> AbstractDenoise
         context_dim=config.hdim,
         conditioning=config.conditioning,
         image_size=config.image_size,
+        remat=config.remat,
         key=key,
     )
+
+
+def weights_dtype(module: eqx.Module) -> jnp.dtype:
+    """The dtype of a module's first floating-point array: the dtype it computes in."""
+    for leaf in jax.tree_util.tree_leaves(module):
+        if eqx.is_inexact_array(leaf):
+            return leaf.dtype
+    return jnp.dtype(jnp.float32)
 
 
 class FSDM(eqx.Module):
@@ -118,6 +128,7 @@ class FSDM(eqx.Module):
     ns: int = eqx.field(static=True)
     time_token: bool = eqx.field(static=True)
     learned_variance: bool = eqx.field(static=True)
+    remat: bool = eqx.field(static=True)
 
     def __init__(self, config: ModelConfig, *, key: PRNGKeyArray):
         """**Arguments:**
@@ -134,6 +145,7 @@ class FSDM(eqx.Module):
         self.ns = config.ns
         self.time_token = config.encoder_time_token
         self.learned_variance = config.learned_variance
+        self.remat = config.remat
 
     def _check_images(self, x: Array, what: str) -> None:
         if x.ndim != 4 or tuple(x.shape[1:]) != self.image_shape:
@@ -167,13 +179,30 @@ class FSDM(eqx.Module):
         - `key`: dropout and posterior-sampling randomness; needed unless `inference`.
         - `inference`: no dropout, and the posterior mean instead of a sample.
 
-        **Returns:** the context, with the posterior's mean and log-variance when variational.
+        **Returns:** the context, with the posterior's mean and log-variance when variational,
+        in the dtype of `x_set` (the networks compute in the dtype of their weights).
+
+        With `ModelConfig.remat` the encoder's activations are recomputed in the backward pass.
         """
         enc_key, post_key = split_key(key, 2)
-        h = self.encoder(x_set, t, key=enc_key, inference=inference)
+
+        def encode(
+            encoder: AbstractSetEncoder,
+            x: Float[Array, "m c h w"],
+            t: Float[Array, ""] | None,
+            k: PRNGKeyArray | None,
+        ) -> Context:
+            return encoder(x, t, key=k, inference=inference)
+
+        dtype = weights_dtype(self.encoder)
+        x_in = x_set.astype(dtype)
+        t_in = None if t is None else t.astype(dtype)
+        h = maybe_checkpoint(encode, self.remat)(self.encoder, x_in, t_in, enc_key)
         if self.posterior is None:
-            return SetContext(h, None, None)
+            return SetContext(h.astype(x_set.dtype), None, None)
+        h = h.astype(weights_dtype(self.posterior))
         mu, logvar = self.posterior(h) if h.ndim == 1 else jax.vmap(self.posterior)(h)
+        mu, logvar = mu.astype(x_set.dtype), logvar.astype(x_set.dtype)
         if inference:
             return SetContext(mu, mu, logvar)
         if post_key is None:
@@ -221,11 +250,13 @@ class FSDM(eqx.Module):
         diffusion_config: DiffusionConfig,
         schedule: Schedule,
         inference: bool = False,
+        context_offset: Float[Array, "ns ..."] | None = None,
     ) -> dict[str, Array]:
         """The training loss of one set (vmap over sets outside).
 
         Each image draws its own timestep and noise and is denoised given its leave-one-out
-        context.
+        context. The diffusion terms and the KL are computed in the dtype of `x_set` (float32),
+        whatever the dtype of the weights.
 
         **Arguments:**
         - `x_set`: the set, `ModelConfig.ns` images in [-1, 1], channels first.
@@ -233,10 +264,14 @@ class FSDM(eqx.Module):
         - `diffusion_config`: the loss and variance settings.
         - `schedule`: the training schedule.
         - `inference`: no dropout and posterior means (for evaluation).
+        - `context_offset`: added to the leave-one-out contexts before the denoiser sees them;
+          the gradient of the loss with respect to a zero offset is its gradient with respect
+          to the contexts, in the same backward pass as the parameters'.
 
         **Returns:** scalars `loss` (`mean_i(diffusion loss_i + klc_i)`), `mse`, `vb` (bits per
         dimension of the sampled L_t), `klc` (mean KL of the contexts to N(0, I), bits per
-        dimension; 0 when deterministic), and the arrays `context` (`(ns, ...)`), plus
+        dimension; 0 when deterministic), and the arrays `context` (`(ns, ...)`, as the
+        denoiser sees it), `timesteps` (`(ns,)`, each image's diffusion timestep), plus
         `context_mu` and `context_logvar` when variational.
         """
         self._check_diffusion(diffusion_config)
@@ -249,8 +284,17 @@ class FSDM(eqx.Module):
             )
         t_key, ctx_key, noise_key, drop_key = jax.random.split(key, 4)
         t = jax.random.randint(t_key, (ns,), 0, schedule.num_steps)
-        t_model = schedule.timesteps[t].astype(x_set.dtype) if self.time_token else None
+        timesteps = schedule.timesteps[t].astype(x_set.dtype)
+        t_model = timesteps if self.time_token else None
         ctx = self.leave_one_out_context(x_set, t_model, key=ctx_key, inference=inference)
+        contexts = ctx.c
+        if context_offset is not None:
+            if context_offset.shape != contexts.shape:
+                raise ValueError(
+                    f"context_offset has shape {context_offset.shape}; it must have the shape "
+                    f"of the leave-one-out contexts, {contexts.shape}."
+                )
+            contexts = contexts + context_offset.astype(contexts.dtype)
 
         def one(
             x: Float[Array, "c h w"],
@@ -260,19 +304,20 @@ class FSDM(eqx.Module):
             k_drop: PRNGKeyArray,
         ) -> dict[str, Float[Array, ""]]:
             def model_fn(x_t: Float[Array, "c h w"], tt: Float[Array, ""]) -> Array:
-                return self.denoiser(x_t, tt, c, key=k_drop, inference=inference)
+                return self.denoiser(x_t, tt, c, key=k_drop, inference=inference).astype(x.dtype)
 
             return diffusion.training_losses(
                 model_fn, schedule, x, key=k_noise, config=diffusion_config, t=ti
             )
 
         losses = jax.vmap(one)(
-            x_set, ctx.c, t, jax.random.split(noise_key, ns), jax.random.split(drop_key, ns)
+            x_set, contexts, t, jax.random.split(noise_key, ns), jax.random.split(drop_key, ns)
         )
         metrics: dict[str, Array] = {
             "mse": jnp.mean(losses["mse"]),
             "vb": jnp.mean(losses["vb"]),
-            "context": ctx.c,
+            "context": contexts,
+            "timesteps": timesteps,
         }
         if ctx.mu is not None and ctx.logvar is not None:
             zeros = jnp.zeros_like(ctx.mu)
@@ -315,7 +360,7 @@ class FSDM(eqx.Module):
 
         def model_fn(x_t: Float[Array, "c h w"], t: Float[Array, ""]) -> Array:
             c = self.context(support, t, inference=True).c if fixed is None else fixed
-            return self.denoiser(x_t, t, c, inference=True)
+            return self.denoiser(x_t, t, c, inference=True).astype(x_t.dtype)
 
         def one(x: Float[Array, "c h w"], k: PRNGKeyArray) -> Float[Array, "c h w"]:
             return diffusion.sample(model_fn, x, key=k, config=diffusion_config)

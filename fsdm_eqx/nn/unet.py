@@ -29,7 +29,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from ..config import check_choice, check_range
 from .attention import timestep_embedding
-from .denoiser import AbstractDenoiser
+from .denoiser import AbstractDenoiser, maybe_checkpoint, rms
 
 Conditioning = Literal["film", "lag"]
 
@@ -87,6 +87,13 @@ class _ResBlock(eqx.Module):
         self.out_conv = _zero(eqx.nn.Conv2d(out_ch, out_ch, 3, padding=1, key=k3))
         self.skip = None if in_ch == out_ch else eqx.nn.Conv2d(in_ch, out_ch, 1, key=k4)
 
+    def film_vectors(
+        self, cond: Float[Array, " e"]
+    ) -> tuple[Float[Array, " c_out"], Float[Array, " c_out"]]:
+        """The FiLM scale and shift for the conditioning vector ``cond``."""
+        scale, shift = jnp.split(self.film(jax.nn.silu(cond)), 2)
+        return scale, shift
+
     def __call__(
         self,
         x: Float[Array, "c h w"],
@@ -96,7 +103,7 @@ class _ResBlock(eqx.Module):
         inference: bool,
     ) -> Float[Array, "c_out h w"]:
         h = self.in_conv(jax.nn.silu(self.in_norm(x)))
-        scale, shift = jnp.split(self.film(jax.nn.silu(cond)), 2)
+        scale, shift = self.film_vectors(cond)
         h = self.out_norm(h) * (1 + scale[:, None, None]) + shift[:, None, None]
         h = self.dropout(jax.nn.silu(h), key=key, inference=inference)
         h = self.out_conv(h)
@@ -205,13 +212,43 @@ _Attention = _SelfAttention | _SpatialTransformer
 
 
 def _attend(
-    attn: _Attention | None, h: Float[Array, "c h w"], context: Float[Array, "*n d"]
+    attn: _Attention | None,
+    h: Float[Array, "c h w"],
+    context: Float[Array, "*n d"],
+    remat: bool = False,
 ) -> Float[Array, "c h w"]:
     if attn is None:
         return h
+    return maybe_checkpoint(_run_attention, remat)(attn, h, context)
+
+
+def _run_attention(
+    attn: _Attention, h: Float[Array, "c h w"], context: Float[Array, "*n d"]
+) -> Float[Array, "c h w"]:
     if isinstance(attn, _SelfAttention):
         return attn(h)
     return attn(h, context)
+
+
+def _run_res(
+    block: _ResBlock,
+    x: Float[Array, "c h w"],
+    cond: Float[Array, " e"],
+    key: PRNGKeyArray | None,
+    inference: bool,
+    remat: bool,
+) -> Float[Array, "c_out h w"]:
+    """The residual block, under `eqx.filter_checkpoint` when ``remat``."""
+
+    def run(
+        block: _ResBlock,
+        x: Float[Array, "c h w"],
+        cond: Float[Array, " e"],
+        key: PRNGKeyArray | None,
+    ) -> Float[Array, "c_out h w"]:
+        return block(x, cond, key=key, inference=inference)
+
+    return maybe_checkpoint(run, remat)(block, x, cond, key)
 
 
 class _Downsample(eqx.Module):
@@ -253,8 +290,10 @@ class _Stage(eqx.Module):
         *,
         key: PRNGKeyArray | None,
         inference: bool,
+        remat: bool,
     ) -> Float[Array, "c2 h2 w2"]:
-        h = _attend(self.attn, self.res(x, cond, key=key, inference=inference), context)
+        h = _run_res(self.res, x, cond, key, inference, remat)
+        h = _attend(self.attn, h, context, remat)
         return h if self.upsample is None else self.upsample(h)
 
 
@@ -294,6 +333,7 @@ class UNet(AbstractDenoiser):
     conditioning: Conditioning = eqx.field(static=True)
     dropout: float = eqx.field(static=True)
     pad: int = eqx.field(static=True)
+    remat: bool = eqx.field(static=True)
 
     def __init__(
         self,
@@ -309,6 +349,7 @@ class UNet(AbstractDenoiser):
         context_dim: int,
         conditioning: Conditioning,
         image_size: int,
+        remat: bool = False,
         key: PRNGKeyArray,
     ):
         """**Arguments:**
@@ -326,8 +367,11 @@ class UNet(AbstractDenoiser):
         - `conditioning`: `"film"` (context vector into every residual block's scale/shift) or
           `"lag"` (context tokens through cross-attention in every attention block).
         - `image_size`: side of the (square) input image.
+        - `remat`: recompute the activations of each residual and attention block in the
+          backward pass instead of storing them (`eqx.filter_checkpoint`).
         - `key`: initialisation randomness.
         """
+        self.remat = remat
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.model_channels = model_channels
@@ -419,6 +463,43 @@ class UNet(AbstractDenoiser):
         self.out_norm = eqx.nn.GroupNorm(_GROUPS, ch)
         self.out_conv = _zero(eqx.nn.Conv2d(ch, out_channels, 3, padding=1, key=next(keys)))
 
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        """The dtype of the weights, in which the network computes (bfloat16 under mixed
+        precision); inputs are cast to it."""
+        return self.conv_in.weight.dtype
+
+    def condition(
+        self, t: Float[Array, ""], context: Float[Array, " d"] | Float[Array, "n d"]
+    ) -> Float[Array, " e"]:
+        """The residual blocks' conditioning vector: the time embedding, with the context
+        appended for FiLM."""
+        frequencies = timestep_embedding(t, self.model_channels).astype(self.compute_dtype)
+        emb = self.time_out(jax.nn.silu(self.time_in(frequencies)))
+        if self.conditioning == "film":
+            return jnp.concatenate([emb, context.astype(self.compute_dtype)])
+        return emb
+
+    def _res_blocks(self) -> dict[str, _ResBlock]:
+        """Every residual block by name: `down{i}`, `mid1`, `mid2`, `up{i}`."""
+        stages = [b for b in self.down if isinstance(b, _Stage)]
+        blocks = {f"down{i}": stage.res for i, stage in enumerate(stages)}
+        blocks["mid1"], blocks["mid2"] = self.mid_res1, self.mid_res2
+        blocks.update({f"up{i}": stage.res for i, stage in enumerate(self.up)})
+        return blocks
+
+    def modulation(
+        self, t: Float[Array, ""], context: Float[Array, " d"] | Float[Array, "n d"]
+    ) -> dict[str, Float[Array, ""]]:
+        """RMS of the FiLM vectors: `<block>/scale` and `<block>/shift` for every residual
+        block (`down{i}`, `mid1`, `mid2`, `up{i}`); see `AbstractDenoiser.modulation`."""
+        cond = self.condition(t, context)
+        out: dict[str, Float[Array, ""]] = {}
+        for name, block in self._res_blocks().items():
+            scale, shift = block.film_vectors(cond)
+            out[f"{name}/scale"], out[f"{name}/shift"] = rms(scale), rms(shift)
+        return out
+
     def __call__(
         self,
         x_t: Float[Array, "c h w"],
@@ -437,31 +518,33 @@ class UNet(AbstractDenoiser):
         - `key`: dropout randomness; needed when `inference` is false and dropout is positive.
         - `inference`: disables dropout.
 
-        **Returns:** the prediction, `(out_channels, image_size, image_size)`.
+        **Returns:** the prediction, `(out_channels, image_size, image_size)`, in the weights'
+        dtype.
         """
         self._check_inputs(x_t, context, key, inference)
         n_stages = len(self.up) + sum(isinstance(b, _Stage) for b in self.down) + 2
         keys = [None] * n_stages if key is None else list(jax.random.split(key, n_stages))
-
-        emb = self.time_out(jax.nn.silu(self.time_in(timestep_embedding(t, self.model_channels))))
-        cond = jnp.concatenate([emb, context]) if self.conditioning == "film" else emb
+        remat = self.remat
+        cond = self.condition(t, context)
+        context = context.astype(self.compute_dtype)
 
         lo, hi = self.pad // 2, self.pad - self.pad // 2
-        x = jnp.pad(x_t, ((0, 0), (lo, hi), (lo, hi))) if self.pad else x_t
+        x = x_t.astype(self.compute_dtype)
+        x = jnp.pad(x, ((0, 0), (lo, hi), (lo, hi))) if self.pad else x
         h = self.conv_in(x)
         skips = [h]
         for block in self.down:
             if isinstance(block, _Stage):
-                h = block(h, cond, context, key=keys.pop(), inference=inference)
+                h = block(h, cond, context, key=keys.pop(), inference=inference, remat=remat)
             else:
                 h = block(h)
             skips.append(h)
-        h = self.mid_res1(h, cond, key=keys.pop(), inference=inference)
-        h = _attend(self.mid_attn, h, context)
-        h = self.mid_res2(h, cond, key=keys.pop(), inference=inference)
+        h = _run_res(self.mid_res1, h, cond, keys.pop(), inference, remat)
+        h = _attend(self.mid_attn, h, context, remat)
+        h = _run_res(self.mid_res2, h, cond, keys.pop(), inference, remat)
         for block in self.up:
             h = jnp.concatenate([h, skips.pop()])
-            h = block(h, cond, context, key=keys.pop(), inference=inference)
+            h = block(h, cond, context, key=keys.pop(), inference=inference, remat=remat)
         out = self.out_conv(jax.nn.silu(self.out_norm(h)))
         if self.pad:
             out = out[:, lo : lo + self.image_size, lo : lo + self.image_size]

@@ -89,12 +89,23 @@ def make_optimizer(
     return per_subtree
 
 
-def ema_update(ema: PyTree, model: PyTree, step: jax.Array, config: OptimConfig) -> PyTree:
-    """The EMA after optimiser step ``step``: a copy before ``ema_start``, then every
-    ``ema_every`` steps ``decay * ema + (1 - decay) * model`` on the floating-point arrays."""
+def ema_decay_at(step: jax.Array, config: OptimConfig) -> tuple[jax.Array, jax.Array]:
+    """The factor ``decay`` of ``ema <- decay * ema + (1 - decay) * model`` after optimiser step
+    ``step``, and whether that step averages: 0 (a copy) before ``ema_start``, then
+    ``config.ema_decay`` every ``ema_every`` steps and 1 (no change) in between.
+
+    **Returns:** `(decay, averaged)`, a float32 scalar and a boolean scalar.
+    """
     copy = step < config.ema_start
     update = jnp.logical_and(~copy, step % config.ema_every == 0)
     decay = jnp.where(copy, 0.0, jnp.where(update, config.ema_decay, 1.0))
+    return decay.astype(jnp.float32), update
+
+
+def ema_update(ema: PyTree, model: PyTree, step: jax.Array, config: OptimConfig) -> PyTree:
+    """The EMA after optimiser step ``step``: a copy before ``ema_start``, then every
+    ``ema_every`` steps ``decay * ema + (1 - decay) * model`` on the floating-point arrays."""
+    decay, _ = ema_decay_at(step, config)
 
     def mix(e: Any, m: Any) -> Any:
         if eqx.is_inexact_array(e) and eqx.is_inexact_array(m):

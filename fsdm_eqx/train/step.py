@@ -3,11 +3,17 @@
 The per-set loss is vmapped over the batch; with a mesh, the gradient and the metrics are
 computed per device inside ``shard_map`` and averaged with ``pmean`` over ``data``. The optimiser
 update, the EMA and the guard against non-finite values follow on the replicated parameters.
+
+When the loss reports the contexts it conditions on (``aux["context"]``), the step adds a zero
+offset to them and differentiates with respect to the parameters and the offsets together, so
+the gradient with respect to the contexts comes from the same backward pass.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -20,6 +26,7 @@ from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 from ..config import OptimConfig
 from ..instrument.norms import context_statistics, global_norm, subtree_norms
 from .optimizer import (
+    ema_decay_at,
     ema_update,
     learning_rate_schedule,
     make_optimizer,
@@ -28,10 +35,12 @@ from .optimizer import (
 from .parallel import DATA_AXIS
 from .state import TrainState
 
-LossFn = Callable[[PyTree, PyTree, PRNGKeyArray], tuple[Float[Array, ""], dict[str, Array]]]
-"""``(model, example, key) -> (loss, aux)`` for one example (one set). ``aux`` holds scalars to
-average over the batch, and optionally ``context`` (any shape ending in the context width), whose
-statistics are reported."""
+LossFn = Callable[..., tuple[Float[Array, ""], dict[str, Array]]]
+"""``(model, example, key, *, context_offset=None) -> (loss, aux)`` for one example (one set).
+``aux`` holds scalars to average over the batch, and optionally ``context`` (any shape ending in
+the context width), whose statistics are reported. A loss that reports ``context`` takes the
+keyword ``context_offset``, an array of the context's shape and dtype to add to the context
+before it is used (the step passes zeros and differentiates with respect to it)."""
 
 StepFn = Callable[[TrainState, PyTree], tuple[TrainState, dict[str, Array]]]
 
@@ -41,6 +50,35 @@ COMPUTE_DTYPES = {"float32": jnp.dtype(jnp.float32), "bfloat16": jnp.dtype(jnp.b
 def cast_floating(tree: PyTree, dtype: DTypeLike) -> PyTree:
     """``tree`` with its floating-point arrays cast to ``dtype`` (the compute copy of a model)."""
     return jax.tree_util.tree_map(lambda x: x.astype(dtype) if eqx.is_inexact_array(x) else x, tree)
+
+
+def _takes_context_offset(loss_fn: LossFn) -> bool:
+    try:
+        parameters = inspect.signature(loss_fn).parameters.values()
+    except (TypeError, ValueError):  # no signature to read: assume the protocol
+        return True
+    return any(
+        p.name == "context_offset" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters
+    )
+
+
+def grad_param_ratios(grads: PyTree, params: PyTree) -> dict[str, Float[Array, ""]]:
+    """``debug/grad_param_ratio[_<subtree>]``: gradient norm over parameter norm, per top-level
+    subtree and overall (0 where the parameters' norm is 0).
+
+    **Arguments:**
+    - `grads`, `params`: two PyTrees of the same structure.
+
+    **Returns:** the ratios, in float32.
+    """
+    grad_norms = subtree_norms(grads, "g")
+    param_norms = subtree_norms(params, "g")
+    ratios: dict[str, Float[Array, ""]] = {}
+    for name, g in grad_norms.items():
+        p = param_norms.get(name, jnp.zeros((), jnp.float32))
+        ratio = jnp.where(p > 0, g / jnp.where(p > 0, p, 1.0), 0.0)
+        ratios["debug/grad_param_ratio" + name[1:]] = ratio
+    return ratios
 
 
 def _reduce_metrics(loss: Array, aux: dict[str, Array], axis_name: str | None) -> dict[str, Array]:
@@ -78,9 +116,16 @@ def make_train_step(
       `shard_batch` and the state with `replicate`.
 
     **Returns:** `step(state, batch) -> (state, metrics)`; `batch` has the sets on axis 0.
-    Metrics: `loss` and the aux means, `lr`, `debug/grad_norm[_<subtree>]`,
-    `debug/param_norm[_<subtree>]`, `debug/update_norm`, the context statistics, and
+    Metrics: `loss` and the aux means (the loss's own diagnostics, such as the FSDM's
+    `debug/modulation/<block>/<part>`), `lr` and `Optim/lr`, `debug/grad_norm[_<subtree>]`,
+    `debug/param_norm[_<subtree>]`, `debug/grad_param_ratio[_<subtree>]`, `debug/update_norm`
+    and `Optim/update_global_norm` (the norm of the applied update), `Optim/ema_decay` (the
+    decay the EMA applied at this step, 0 when it did not average), the context statistics and
+    `debug/context_grad_norm` (per set, the norm of the gradient of its loss with respect to
+    its contexts, averaged over the batch) when the loss reports its context, and
     `debug/nonfinite` (1 when the update was skipped for a non-finite loss or gradient).
+    Parameters, gradients, optimiser state and the loss's mean stay float32 under
+    `precision="bfloat16"`; the network computes in bfloat16.
     """
     compute_dtype = COMPUTE_DTYPES[config.precision]
     schedule = learning_rate_schedule(config, total_steps)
@@ -89,19 +134,49 @@ def make_train_step(
     def gradients(
         params: PyTree, static: PyTree, batch: PyTree, keys: Array
     ) -> tuple[PyTree, dict[str, Array]]:
-        def batch_loss(params: PyTree) -> tuple[Array, dict[str, Array]]:
+        def per_set_losses(params: PyTree, offsets: Array | None) -> tuple[Array, dict[str, Array]]:
             model = cast_floating(eqx.combine(params, static), compute_dtype)
-            losses, aux = jax.vmap(loss_fn, in_axes=(None, 0, 0))(model, batch, keys)
+            if offsets is None:
+                return jax.vmap(loss_fn, in_axes=(None, 0, 0))(model, batch, keys)
+
+            def one(example: PyTree, key: PRNGKeyArray, offset: Array) -> tuple[Array, Any]:
+                return loss_fn(model, example, key, context_offset=offset)
+
+            return jax.vmap(one)(batch, keys, offsets)
+
+        def batch_loss(
+            diff: tuple[PyTree, Array | None],
+        ) -> tuple[Array, dict[str, Array]]:
+            losses, aux = per_set_losses(*diff)
             return jnp.mean(losses.astype(jnp.float32)), aux
 
+        _, aux_shape = jax.eval_shape(per_set_losses, params, None)
+        context = aux_shape.get("context")
+        if context is not None and not _takes_context_offset(loss_fn):
+            raise TypeError(
+                f"The loss {getattr(loss_fn, '__name__', loss_fn)!r} reports aux['context'] but "
+                "takes no `context_offset` keyword; add `context_offset=None` to its signature "
+                "and add it to the context (the step differentiates with respect to it)."
+            )
+        offsets = None if context is None else jnp.zeros(context.shape, context.dtype)
         if axis_name is not None:
             # Mark the replicated parameters as varying per device, so that each device's
             # gradient is its own and the pmean below is the only reduction.
-            params = jax.tree_util.tree_map(
-                lambda x: jax.lax.pcast(x, axis_name, to="varying"), params
+            params, offsets = jax.tree_util.tree_map(
+                lambda x: jax.lax.pcast(x, axis_name, to="varying"), (params, offsets)
             )
-        (loss, aux), grads = eqx.filter_value_and_grad(batch_loss, has_aux=True)(params)
+        (loss, aux), (grads, offset_grads) = eqx.filter_value_and_grad(batch_loss, has_aux=True)(
+            (params, offsets)
+        )
         metrics = _reduce_metrics(loss, aux, axis_name)
+        if offset_grads is not None:
+            # The gradient of the mean loss is 1 / batch of each set's own gradient.
+            per_set = offset_grads.reshape(offset_grads.shape[0], -1).astype(jnp.float32)
+            norms = jnp.linalg.norm(per_set * per_set.shape[0], axis=1)
+            context_grad_norm = jnp.mean(norms)
+            if axis_name is not None:
+                context_grad_norm = jax.lax.pmean(context_grad_norm, axis_name)
+            metrics["debug/context_grad_norm"] = context_grad_norm
         if axis_name is not None:
             grads = jax.lax.pmean(grads, axis_name)
         return grads, metrics
@@ -128,6 +203,7 @@ def make_train_step(
         grad_norm = global_norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
         model = eqx.combine(optax.apply_updates(params, updates), static)
+        decay, averaged = ema_decay_at(state.step + 1, config)
         candidate = TrainState(
             model=model,
             ema=ema_update(state.ema, model, state.step + 1, config),
@@ -141,12 +217,17 @@ def make_train_step(
             candidate,
             skipped,
         )
+        update_norm = global_norm(updates)
         metrics = {
             **metrics,
             "lr": lr,
+            "Optim/lr": lr,
+            "Optim/update_global_norm": update_norm,
+            "Optim/ema_decay": jnp.where(averaged & finite, decay, 0.0),
             **subtree_norms(grads, "debug/grad_norm"),
             **subtree_norms(params, "debug/param_norm"),
-            "debug/update_norm": global_norm(updates),
+            **grad_param_ratios(grads, params),
+            "debug/update_norm": update_norm,
             "debug/nonfinite": (~finite).astype(jnp.float32),
         }
         return new_state, metrics
