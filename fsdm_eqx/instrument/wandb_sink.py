@@ -8,6 +8,7 @@ keeps its metrics, images, histograms and tables.
 
 from __future__ import annotations
 
+import contextlib
 import netrc
 import os
 import pathlib
@@ -69,7 +70,7 @@ def has_credentials(base_url: str) -> bool:
 
 
 def resolve_mode(
-    mode: WandbMode, *, base_url: str
+    mode: str, *, base_url: str
 ) -> tuple[Literal["online", "offline", "disabled"], str]:
     """The W&B mode a run uses, and why.
 
@@ -92,7 +93,7 @@ def resolve_mode(
                 f"{', '.join(sorted(_ENV_MODES))} or unset it."
             )
         return _ENV_MODES[env], f"WANDB_MODE={env}"
-    if mode != "auto":
+    if mode == "online" or mode == "offline":
         return mode, f"the run configuration asks for {mode}"
     if has_credentials(base_url):
         return "online", "W&B credentials were found"
@@ -168,6 +169,10 @@ class WandbSink:
                     f"({_first_line(error)}); logging offline instead."
                 )
                 why = "the W&B server could not be reached"
+                # The failed attempt lingers in W&B's service (holding its id, delaying the
+                # offline run's flush): start from a fresh service.
+                with contextlib.suppress(Exception):
+                    wandb.teardown()
         if self._run is None:
             try:
                 self._run = wandb.init(mode="offline", **arguments)
@@ -238,13 +243,18 @@ class WandbSink:
         self._call(f"table {name!r}", step, send)
 
     def close(self) -> None:
-        """Close the local files and finish the W&B run (uploading what is left when online)."""
+        """Close the local files and finish the W&B run (uploading what is left when online);
+        W&B's service is then stopped unless another W&B run is active, so that the run's files
+        are complete when this returns."""
         self.local.close()
         run, self._run = self._run, None
         if run is None:
             return
         try:
             run.finish()
+            # An offline run's files are complete only once W&B's service has stopped.
+            if self._wandb.run is None:
+                self._wandb.teardown()
         except Exception as error:
             self._failures += 1
             _say(f"W&B failed to finish the run ({_first_line(error)}).")
