@@ -344,12 +344,8 @@ class Transformer(eqx.Module):
     def trace(
         self, x: Float[Array, "n d"], *, key: PRNGKeyArray | None = None, inference: bool = False
     ) -> TransformerTrace:
-        """Apply every block and keep their residual branches (for instrumentation).
-
-        **Arguments:**
-        - `x`: the input tokens.
-        - `key`: dropout randomness.
-        - `inference`: disables dropout.
+        """Apply every block and keep their residual branches; arguments as for
+        `TransformerBlock.trace`.
 
         **Returns:** the output tokens, and the attention weights `(depth, heads, n, n)`, attention
         branches `(depth, n, d)` and MLP branches `(depth, n, d)` of the blocks in order.
