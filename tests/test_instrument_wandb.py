@@ -6,7 +6,6 @@ import pathlib
 import socket
 import struct
 import time
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +21,7 @@ from fsdm_eqx.instrument import (
     JsonlSink,
     MultiSink,
     NullSink,
+    Visuals,
     WandbSink,
     make_sink,
     wandb_sink as wandb_sink_module,
@@ -248,12 +248,6 @@ def _history(run_dir: pathlib.Path) -> dict[int, dict[str, object]]:
             }
             rows.setdefault(int(items["_step"]), {}).update(items)
     return rows
-
-
-class Visuals(NamedTuple):
-    images: dict[str, np.ndarray]
-    histograms: dict[str, np.ndarray]
-    scalars: dict[str, float]
 
 
 @pytest.fixture(scope="module")

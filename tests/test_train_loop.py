@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from typing import NamedTuple
 
 import equinox as eqx
 import jax
@@ -17,7 +16,7 @@ import pytest
 from PIL import Image
 
 from fsdm_eqx.config import OptimConfig, RunConfig
-from fsdm_eqx.instrument import ConsoleSink, JsonlSink, MultiSink, Sink
+from fsdm_eqx.instrument import ConsoleSink, JsonlSink, MultiSink, Sink, Visuals
 from fsdm_eqx.train import (
     NonFiniteError,
     TrainState,
@@ -137,12 +136,6 @@ def test_logs_evaluates_and_saves(tmp_path, step_fn):
     _, metadata = restore_checkpoint(tmp_path, like=state)
     assert metadata["sampler_position"] == 6 and metadata["experiment"] == "test"
     assert metadata["run_config"]["num_steps"] == 6 and metadata["run_config"]["save_every"] == 4
-
-
-class Visuals(NamedTuple):
-    images: dict[str, np.ndarray]
-    histograms: dict[str, np.ndarray]
-    scalars: dict[str, float]
 
 
 def test_images_visuals_and_system_metrics(tmp_path, step_fn):

@@ -13,7 +13,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -22,25 +22,12 @@ from jaxtyping import Array, PyTree
 from tqdm.auto import tqdm
 
 from ..config import RunConfig
+from ..instrument.encoder import Visuals
 from ..instrument.sinks import Sink
 from .checkpoint import latest_checkpoint, restore_checkpoint, save_checkpoint
 from .state import TrainState
 
 StepFn = Callable[[TrainState, PyTree], tuple[TrainState, dict[str, Array]]]
-
-
-class VisualsLike(Protocol):
-    """What ``visuals_fn`` returns (`fsdm_eqx.instrument.Visuals`): uint8 images, arrays of raw
-    values to histogram, and scalars."""
-
-    @property
-    def images(self) -> dict[str, np.ndarray]: ...
-
-    @property
-    def histograms(self) -> dict[str, np.ndarray]: ...
-
-    @property
-    def scalars(self) -> dict[str, float]: ...
 
 
 class NonFiniteError(RuntimeError):
@@ -92,7 +79,7 @@ def train(
     place_batch: Callable[[PyTree], PyTree] | None = None,
     skip_nonfinite: bool = False,
     images_fn: Callable[[TrainState], dict[str, np.ndarray]] | None = None,
-    visuals_fn: Callable[[TrainState], VisualsLike] | None = None,
+    visuals_fn: Callable[[TrainState], Visuals] | None = None,
 ) -> TrainState:
     """Train ``state`` to ``config.num_steps`` steps, resuming from ``config.run_dir``.
 
