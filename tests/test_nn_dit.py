@@ -121,3 +121,67 @@ def test_named_sizes_agree_with_config():
         assert ModelConfig(dit_size=name).dit_dims == dims
     assert DIT_SIZES["S"] == (384, 12, 6) and DIT_SIZES["B"] == (768, 12, 12)
     assert ModelConfig(dit_size="S", dit_depth=4).dit_dims == (384, 4, 6)
+
+
+def _perturbed(dit):
+    """The DiT with every floating-point array replaced by noise, so no vector is zero."""
+    leaves, treedef = jax.tree_util.tree_flatten(dit)
+    keys = jax.random.split(jax.random.key(7), len(leaves))
+    leaves = [
+        0.3 * jax.random.normal(k, x.shape, x.dtype) if eqx.is_inexact_array(x) else x
+        for x, k in zip(leaves, keys, strict=True)
+    ]
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _np_linear(layer, x):
+    return np.asarray(layer.weight, np.float64) @ x + np.asarray(layer.bias, np.float64)
+
+
+def _np_silu(x):
+    return x / (1.0 + np.exp(-x))
+
+
+def _np_timestep(t, dim):
+    half = dim // 2
+    args = t * np.exp(-np.log(10000.0) * np.arange(half) / half)
+    return np.concatenate([np.cos(args), np.sin(args)])
+
+
+def _rms(v):
+    return np.sqrt(np.mean(np.square(v)))
+
+
+@pytest.mark.parametrize("conditioning", ["film", "lag"])
+def test_modulation_matches_numpy_from_the_layer_weights(conditioning):
+    dit = _perturbed(_dit(conditioning))
+    _, t, ctx = _inputs(conditioning)
+    got = {k: float(v) for k, v in eqx.filter_jit(dit.modulation)(t, ctx).items()}
+    emb = _np_timestep(float(t), dit.t_embedder.frequency_dim)
+    c = _np_linear(dit.t_embedder.fc2, _np_silu(_np_linear(dit.t_embedder.fc1, emb)))
+    if conditioning == "film":
+        c = c + _np_linear(dit.context_proj, np.asarray(ctx, np.float64))
+    expected = {}
+    parts = ("shift_msa", "scale_msa", "gate_msa", "shift_mlp", "scale_mlp", "gate_mlp")
+    for i, block in enumerate(dit.blocks):
+        vectors = np.split(_np_linear(block.modulation, _np_silu(c)), 6)
+        expected.update({f"block{i}/{p}": _rms(v) for p, v in zip(parts, vectors, strict=True)})
+    shift, scale = np.split(_np_linear(dit.final.modulation, _np_silu(c)), 2)
+    expected.update({"final/shift": _rms(shift), "final/scale": _rms(scale)})
+    assert set(got) == set(expected)
+    for name, value in expected.items():
+        assert value > 0.01
+        assert got[name] == pytest.approx(value, rel=1e-4), name
+
+
+def test_modulation_at_init_gates_are_zero_or_the_gate_bias():
+    x, t, ctx = _inputs("film")
+    del x
+    zero = _dit("film").modulation(t, ctx)
+    warm = _dit("film", gate_bias=0.5).modulation(t, ctx)
+    for i in range(DEPTH):
+        for part in ("gate_msa", "gate_mlp"):
+            assert float(zero[f"block{i}/{part}"]) == 0.0
+            assert float(warm[f"block{i}/{part}"]) == pytest.approx(0.5)
+        assert float(warm[f"block{i}/shift_msa"]) == 0.0  # adaLN-Zero: the weights are zero
+    assert float(zero["final/scale"]) == 0.0

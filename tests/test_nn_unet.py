@@ -502,3 +502,30 @@ def test_bad_call_is_one_readable_error(pair, batch):
         model(x[0], t[0], ctx[..., :-1], inference=True)
     with pytest.raises(ValueError, match="pass `key=`"):
         model(x[0], t[0], ctx)
+
+
+def test_modulation_matches_numpy_from_the_film_weights(pair, batch):
+    conditioning, _, model = pair
+    _, t, _ = batch
+    context = context_for(conditioning, 3)[0]
+    got = {k: float(v) for k, v in eqx.filter_jit(model.modulation)(t[0], context).items()}
+    half = model.model_channels // 2
+    args = float(t[0]) * np.exp(-np.log(10000.0) * np.arange(half) / half)
+    emb = np.concatenate([np.cos(args), np.sin(args)])
+    cond = np_linear(np_silu(np_linear(emb, model.time_in)), model.time_out)
+    if conditioning == "film":
+        cond = np.concatenate([cond, np.asarray(context)])
+    stages = [b for b in model.down if hasattr(b, "res")]
+    blocks = {f"down{i}": s.res for i, s in enumerate(stages)}
+    blocks.update({"mid1": model.mid_res1, "mid2": model.mid_res2})
+    blocks.update({f"up{i}": s.res for i, s in enumerate(model.up)})
+    assert len(blocks) == len(submodules(model, _ResBlock))
+    expected = {}
+    for name, block in blocks.items():
+        scale, shift = np.split(np_linear(np_silu(cond), block.film), 2)
+        expected[f"{name}/scale"] = np.sqrt(np.mean(scale**2))
+        expected[f"{name}/shift"] = np.sqrt(np.mean(shift**2))
+    assert set(got) == set(expected)
+    for name, value in expected.items():
+        assert value > 1e-3
+        assert got[name] == pytest.approx(value, rel=1e-4), name
