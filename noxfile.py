@@ -37,7 +37,8 @@ def tests(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def benchmark(session: nox.Session) -> None:
-    """pytest-benchmark suites; results saved as JSON under `.benchmarks/`."""
+    """pytest-benchmark suites; figures appended to `benchmarks/results/<machine>.json`, then
+    tabulated in `benchmarks/RESULTS.md` (pytest-benchmark autosaves to `.benchmarks/`)."""
     session.install("-e", ".[dev]")
     session.run(
         "pytest",
@@ -46,8 +47,8 @@ def benchmark(session: nox.Session) -> None:
         "no:cacheprovider",
         "--benchmark-only",
         "--benchmark-autosave",
-        "--benchmark-json=benchmarks/results/latest.json",
         "-o",
         "addopts=",
         *session.posargs,
     )
+    session.run("python", "benchmarks/report.py")

@@ -35,6 +35,7 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
+import roofline
 
 from fsdm_eqx.data import SetSampler
 
@@ -67,7 +68,7 @@ def _cpu_sets_per_s(draw: Callable[[], object], batches: int = 400) -> float:
     return batches * BATCH_SETS / (time.thread_time() - start)
 
 
-def _report(benchmark, name: str, cpu_sets_per_s: float | None = None) -> float:
+def _report(benchmark, name: str, key: str, cpu_sets_per_s: float | None = None) -> float:
     stats = benchmark.stats.stats
     wall = {k: BATCH_SETS / getattr(stats, k) for k in ("min", "median", "mean")}
     info = {f"wall_sets_per_s_{k}": v for k, v in wall.items()}
@@ -80,6 +81,10 @@ def _report(benchmark, name: str, cpu_sets_per_s: float | None = None) -> float:
     ratio = sets_per_s / H100_SETS_PER_S
     info["ratio"] = ratio
     benchmark.extra_info.update(info)
+    unit = "sets/s" if cpu_sets_per_s is None else "sets per CPU-second"
+    figures = {"value": sets_per_s, "unit": unit, "ratio": ratio} | info
+    figures["ratio_to"] = f"one H100's consumption, ~{H100_SETS_PER_S:,.0f} sets/s (estimate)"
+    roofline.record(f"data/{key}", figures, note=f"{name}, {BATCH_SETS} sets of {NS}, 3x32x32")
     print(
         f"\n{name}: {line} sets/s; one H100 consumes ~{H100_SETS_PER_S:,.0f} sets/s at the paper "
         f"configuration; ratio {ratio:.1f}x"
@@ -99,7 +104,8 @@ def test_sampler_batch(benchmark, dataset, flips: bool) -> None:
     )
     assert sets.shape == (BATCH_SETS, NS, 3, 32, 32) and sets.dtype == np.float32
     cpu = _cpu_sets_per_s(lambda: sampler.batch(next(steps)))
-    assert _report(benchmark, f"batch ({'flips' if flips else 'plain'})", cpu) >= REQUIRED_RATIO
+    kind = "flips" if flips else "plain"
+    assert _report(benchmark, f"batch ({kind})", f"sampler_batch_{kind}", cpu) >= REQUIRED_RATIO
 
 
 def test_prefetch_stream(benchmark, dataset) -> None:
@@ -115,4 +121,4 @@ def test_prefetch_stream(benchmark, dataset) -> None:
         )
     assert sets.shape == (BATCH_SETS, NS, 3, 32, 32)
     # Reported, not asserted: with 2 cores shared by several jobs, threads mostly contend.
-    assert _report(benchmark, f"stream ({workers} workers)") > 0
+    assert _report(benchmark, f"stream ({workers} workers)", "sampler_stream") > 0

@@ -2,8 +2,10 @@
 
 One jitted step computes the epsilon-MSE of a batch and its gradient with respect to every
 parameter (no optimiser update). Its FLOPs per step come from XLA's cost analysis of the compiled
-step; dividing by the measured time gives the achieved FLOP/s, reported as a ratio to a dense
-float32 matmul timed in the same run (the same dtype and default precision as the model).
+step; dividing by the median step time gives the achieved FLOP/s, reported as a ratio to a dense
+float32 matmul timed between the steps (the same dtype and default precision as the model), and
+on a known GPU as MFU against the device's peak. `test_train_throughput.py` times the whole
+FSDM training step; this one isolates the denoisers.
 
 On a GPU the networks are the paper's: the UNet of the FSDM reference configuration
 (``vfsddpm_cifar100_vit_film_mean_sigma``, 32x32, 23.9M parameters) and DiT-S/2 (the default
@@ -14,8 +16,6 @@ Run: ``python -m pytest benchmarks/test_denoiser_throughput.py -s``; the figures
 stored in each benchmark's ``extra_info`` (``--benchmark-json=FILE`` saves them).
 """
 
-import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +23,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import pytest
+import roofline
 
 from fsdm_eqx.nn.unet import UNet
 
@@ -30,7 +31,6 @@ ON_GPU = jax.default_backend() == "gpu"
 CONTEXT_DIM = 256 if ON_GPU else 32
 IMAGE = 32 if ON_GPU else 16
 BATCH = 192 if ON_GPU else 4
-MATMUL_N = 8192 if ON_GPU else 1024
 ROUNDS = 20 if ON_GPU else 5
 
 
@@ -86,38 +86,6 @@ def make_dit(key: jax.Array) -> eqx.Module:
 MODELS: dict[str, Callable[[jax.Array], eqx.Module]] = {"unet": make_unet, "dit": make_dit}
 
 
-def cost_flops(compiled: Any) -> float:
-    """FLOPs of a compiled computation from XLA's cost analysis (a dict, or a list of them)."""
-    analysis = compiled.cost_analysis()
-    if isinstance(analysis, list | tuple):
-        analysis = analysis[0]
-    if not analysis or analysis.get("flops", 0.0) <= 0:
-        pytest.skip("XLA's cost analysis reports no FLOP count on this backend")
-    return float(analysis["flops"])
-
-
-def median_seconds(fn: Callable[[], Any], rounds: int) -> float:
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-@pytest.fixture(scope="module")
-def matmul_flop_per_s() -> float:
-    """Achieved FLOP/s of an N x N float32 matmul (XLA's FLOP count over the median time)."""
-    ka, kb = jax.random.split(jax.random.key(0))
-    a = jax.random.normal(ka, (MATMUL_N, MATMUL_N), jnp.float32)
-    b = jax.random.normal(kb, (MATMUL_N, MATMUL_N), jnp.float32)
-    compiled = jax.jit(jnp.matmul).lower(a, b).compile()
-    flops = cost_flops(compiled)
-    assert flops == pytest.approx(2 * MATMUL_N**3, rel=0.01)
-    return flops / median_seconds(lambda: compiled(a, b), ROUNDS)
-
-
 def make_train_step(model: eqx.Module) -> tuple[Any, Callable[..., Any]]:
     """The model's parameters, and a step mapping them and a batch to (loss, gradient).
 
@@ -140,7 +108,7 @@ def make_train_step(model: eqx.Module) -> tuple[Any, Callable[..., Any]]:
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-def test_denoiser_train_step_throughput(benchmark, matmul_flop_per_s, name):
+def test_denoiser_train_step_throughput(benchmark, name):
     model = MODELS[name](jax.random.key(0))
     params, step = make_train_step(model)
     n_params = sum(p.size for p in jax.tree.leaves(params))
@@ -151,28 +119,28 @@ def test_denoiser_train_step_throughput(benchmark, matmul_flop_per_s, name):
     context = jax.random.normal(ks[3], (BATCH, CONTEXT_DIM))
     args = (params, x0, t, context, noise, jax.random.key(2))
     compiled = jax.jit(step).lower(*args).compile()
-    flops = cost_flops(compiled)
+    flops = roofline.cost_flops(compiled)
 
     def run():
         return jax.block_until_ready(compiled(*args))
 
     loss, _ = run()  # warm-up outside the timed rounds
     assert jnp.isfinite(loss)
-    benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    matmul = roofline.MatmulRoofline("float32")
+    benchmark.pedantic(run, setup=matmul.sample, rounds=ROUNDS, iterations=1, warmup_rounds=1)
     seconds = benchmark.stats.stats.median
-    flop_per_s = flops / seconds
-    info = {
-        "device": jax.devices()[0].device_kind,
-        "batch": BATCH,
-        "image": IMAGE,
-        "parameters": n_params,
-        "images_per_s": BATCH / seconds,
-        "gflop_per_step": flops / 1e9,
-        "tflop_per_s": flop_per_s / 1e12,
-        "matmul_tflop_per_s": matmul_flop_per_s / 1e12,
-        "ratio_to_matmul": flop_per_s / matmul_flop_per_s,
+    figures = {
+        "value": BATCH / seconds,
+        "unit": "images/s",
+        **roofline.roofline_figures(flops, seconds, matmul.flop_per_s, "float32"),
     }
-    benchmark.extra_info.update(info)
-    shown = (f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in info.items())
-    print(f"\n{name}: " + ", ".join(shown))
-    assert info["images_per_s"] > 0
+    figures["ratio"] = figures["ratio_to_matmul"]
+    figures["ratio_to"] = "float32 matmul"
+    config = {"batch": BATCH, "image": IMAGE, "parameters": n_params, "reduced": not ON_GPU}
+    size = "paper network" if ON_GPU else f"CPU: reduced network on {IMAGE}x{IMAGE}"
+    entry = roofline.record(
+        f"denoiser_fwd_bwd/{name}", figures, config=config, note=f"{size}, batch {BATCH}"
+    )
+    benchmark.extra_info.update(figures | {"config": config})
+    print(roofline.summary_line(name, entry))
+    assert figures["value"] > 0 and 0 < figures["ratio_to_matmul"] < 2
