@@ -137,13 +137,15 @@ class JsonlSink:
             Image.fromarray(pixels).save(directory / f"{_safe_name(name)}_{int(step):08d}.png")
 
     def log_histograms(self, values: dict[str, np.ndarray], step: int) -> None:
+        for name, array in values.items():
+            self.save_histogram(name, *histogram(name, array), step)
+
+    def save_histogram(self, name: str, counts: np.ndarray, edges: np.ndarray, step: int) -> None:
+        """Write one histogram already binned by `histogram`."""
         directory = self.run_dir / "histograms"
         directory.mkdir(exist_ok=True)
-        for name, array in values.items():
-            counts, edges = histogram(name, array)
-            np.savez(
-                directory / f"{_safe_name(name)}_{int(step):08d}.npz", counts=counts, edges=edges
-            )
+        path = directory / f"{_safe_name(name)}_{int(step):08d}.npz"
+        np.savez(path, counts=counts, edges=edges)
 
     def log_table(
         self, name: str, columns: list[str], rows: list[list[float | int | str]], step: int

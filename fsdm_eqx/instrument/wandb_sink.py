@@ -222,11 +222,12 @@ class WandbSink:
         self._call("images", step, send)
 
     def log_histograms(self, values: dict[str, np.ndarray], step: int) -> None:
-        self.local.log_histograms(values, step)
+        binned = {k: histogram(k, v) for k, v in values.items()}
+        for name, (counts, edges) in binned.items():
+            self.local.save_histogram(name, counts, edges, step)
 
         def send() -> None:
             wandb = self._wandb
-            binned = {k: histogram(k, v) for k, v in values.items()}
             self._log({k: wandb.Histogram(np_histogram=v) for k, v in binned.items()}, step)
 
         self._call("histograms", step, send)
