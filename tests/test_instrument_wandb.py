@@ -385,12 +385,16 @@ def test_unreachable_host_run_finishes_with_local_metrics(wandb_env, tmp_path, s
         wandb="online",
         wandb_init_timeout=2.0,
     )
+    # What W&B can hold up: starting the sink and closing it (the training in between is timed
+    # apart, as its compilation depends on the machine's load).
     start = time.monotonic()
     sink = make_sink(config, name="unreachable", config={})
+    started = time.monotonic()
     train(fresh_state(), step_fn, batch_fn, config=config, sink=sink)
+    trained = time.monotonic()
     sink.close()
-    elapsed = time.monotonic() - start
-    assert elapsed < 30.0, f"an unreachable W&B server held the run for {elapsed:.1f} s"
+    held = (started - start) + (time.monotonic() - trained)
+    assert held < 20.0, f"an unreachable W&B server held the run for {held:.1f} s"
     assert sink.sinks[1].mode == "offline"
     err = capsys.readouterr().err
     assert err.count("could not start an online run within 2 s") == 1
