@@ -47,7 +47,9 @@ def _number(value: Any, digits: int = 3) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     if isinstance(value, float):
-        if value == 0 or 1e-3 <= abs(value) < 1e5:
+        if 1e3 <= abs(value) < 1e9:
+            return f"{value:,.0f}"
+        if value == 0 or 1e-3 <= abs(value) < 1e3:
             return f"{value:.{digits}g}"
         return f"{value:.{digits}e}"
     return str(value)
@@ -60,6 +62,19 @@ def _flops(value: float | None) -> str:
         if value >= scale:
             return f"{value / scale:.3g} {unit}"
     return f"{value:.3g} FLOP/s"
+
+
+DETAILS = {  # secondary figures shown beside the headline, when an entry has them
+    "steps_per_s": "{:.3g} steps/s",
+    "gflop": "{:.3g} GFLOP per call",
+    "step_over_standalone": "a sampler step takes {:.3g}x a standalone network evaluation",
+    "torch_images_per_s": "torch {:.3g} images/s",
+}
+
+
+def _details(metrics: dict[str, Any]) -> str:
+    shown = [form.format(metrics[k]) for k, form in DETAILS.items() if metrics.get(k) is not None]
+    return "; ".join(shown) or "-"
 
 
 def latest_entries(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -88,9 +103,9 @@ def machine_section(data: dict[str, Any], source: str) -> str:
     if cpu:
         lines += [CPU_WARNING, ""]
     lines += [
-        "| Benchmark | Throughput | Achieved | Ratio | Baseline | MFU | Size "
+        "| Benchmark | Throughput | Achieved | Ratio | Baseline | MFU | Size | Details "
         "| Measured (UTC, load) |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for entry in latest_entries(data.get("entries", [])):
         x = entry["metrics"]
@@ -103,7 +118,7 @@ def machine_section(data: dict[str, Any], source: str) -> str:
             f"| `{entry['benchmark']}` | {value} | {_flops(x.get('achieved_flop_per_s'))} | "
             f"{ratio} | {x.get('ratio_to', '-')} | "
             f"{'-' if mfu is None else f'{100 * mfu:.1f}%'} | {entry.get('note') or '-'} | "
-            f"{when}, {_number(load, 2)} |"
+            f"{_details(x)} | {when}, {_number(load, 2)} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -90,8 +90,9 @@ def test_inception_throughput(benchmark: Any, setup: dict[str, Any]) -> None:
     model, compiled, x = setup["model"], setup["net"], setup["x"]
     xla_flops = roofline.cost_flops(compiled)
     conv_flops = BATCH * conv_flops_per_image()
-    # XLA counts the convolutions plus the batch norms, activations and pools around them.
-    assert conv_flops <= xla_flops < 1.1 * conv_flops
+    # XLA counts the convolutions (without the products with zero padding, which the table's
+    # count includes) plus the batch norms, activations and pools around them.
+    assert 0.9 * conv_flops < xla_flops < 1.1 * conv_flops, (xla_flops, conv_flops)
     matmul = roofline.MatmulRoofline("float32", n=MATMUL_N)
     benchmark.pedantic(
         lambda: compiled(model, x).block_until_ready(),

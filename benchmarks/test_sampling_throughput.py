@@ -136,7 +136,7 @@ def test_sampling_throughput(benchmark: Any, setup: dict[str, Any], name: str) -
         f"sampling/unet/{name}",
         figures,
         config=run_config,
-        note=f"{bench.note}, {NUM} images per call",
+        note=f"{bench.note}, {NUM} image{'s' if NUM > 1 else ''} per call",
     )
     benchmark.extra_info.update(figures | {"config": run_config})
     print(roofline.summary_line(f"sampling {name}", entry))
