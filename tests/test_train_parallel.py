@@ -49,3 +49,15 @@ def test_two_processes_train_to_identical_parameters(tmp_path) -> None:
     a, b = np.load(outs[0]), np.load(outs[1])
     np.testing.assert_array_equal(a, b)
     assert np.all(np.isfinite(a))
+
+
+def test_restore_onto_replicated_state_continues_like_an_uninterrupted_run(tmp_path) -> None:
+    proc = run_script("resume", str(tmp_path / "checkpoints"))
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    line = next(line for line in out.splitlines() if line.startswith("RESULT"))
+    _, step, placed, identical, num_arrays = line.split()
+    assert step == "2", line  # restored at the checkpointed step
+    assert int(num_arrays) > 0
+    assert placed == "1", f"restored arrays are not replicated over the 8 devices: {line}"
+    assert identical == "1", f"the resumed run ends with other parameters: {line}"
