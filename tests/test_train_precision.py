@@ -7,6 +7,7 @@ Rematerialisation: the same gradients, with a checkpoint around every block in t
 """
 
 import dataclasses
+import functools
 
 import equinox as eqx
 import jax
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 
 from fsdm_eqx.config import DiffusionConfig, ModelConfig, OptimConfig, model_preset
-from fsdm_eqx.nn import FSDM
+from fsdm_eqx.nn import FSDM, DiT
 from fsdm_eqx.train import cast_floating, fsdm_loss_fn, init_train_state, make_train_step
 
 TINY = dataclasses.replace(
@@ -42,23 +43,31 @@ BF16_REL_TOL = 2e-2
 networks the loss moves by well under 2%."""
 
 
-def _unzero(tree, key):
+def _unzero(tree, seed: int = 1):
     """Replace every all-zero array (adaLN-Zero, zero output layers) by small noise, so that
-    every layer contributes to the output."""
+    every layer contributes to the output. Done in numpy, so that it compiles nothing."""
+    rng = np.random.default_rng(seed)
     leaves, treedef = jax.tree_util.tree_flatten(tree)
-    keys = jax.random.split(key, len(leaves))
     leaves = [
-        0.05 * jax.random.normal(k, x.shape, x.dtype)
-        if eqx.is_inexact_array(x) and not bool(jnp.any(x))
+        jnp.asarray(0.05 * rng.standard_normal(x.shape), x.dtype)
+        if eqx.is_inexact_array(x) and not np.any(np.asarray(x))
         else x
-        for x, k in zip(leaves, keys, strict=True)
+        for x in leaves
     ]
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
+@functools.cache
 def _model(name: str, remat: bool = False) -> FSDM:
     config = dataclasses.replace(CONFIGS[name], remat=remat)
-    return _unzero(FSDM(config, key=jax.random.key(0)), jax.random.key(1))
+    return _unzero(FSDM(config, key=jax.random.key(0)))
+
+
+@functools.cache
+def _abstract_model(name: str, remat: bool = False) -> FSDM:
+    """The model's shapes and dtypes only: enough to trace, and builds in no time."""
+    config = dataclasses.replace(CONFIGS[name], remat=remat)
+    return eqx.filter_eval_shape(FSDM, config, key=jax.random.key(0))
 
 
 def _batch(name: str) -> jax.Array:
@@ -96,6 +105,7 @@ def _operand_dtypes(jaxpr, primitive: str) -> list[tuple[str, ...]]:
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["dit", "unet"])
 def test_bfloat16_loss_is_close_to_float32(name: str) -> None:
     model, batch = _model(name), _batch(name)
@@ -108,7 +118,9 @@ def test_bfloat16_loss_is_close_to_float32(name: str) -> None:
 @pytest.mark.parametrize("name", ["dit", "unet"])
 def test_bfloat16_step_multiplies_in_bfloat16_only(name: str) -> None:
     optim = OptimConfig(lr=1e-3, precision="bfloat16")
-    state = init_train_state(_model(name), optim, key=jax.random.key(4), total_steps=10)
+    state = eqx.filter_eval_shape(
+        init_train_state, _abstract_model(name), optim, key=jax.random.key(4), total_steps=10
+    )
     step = make_train_step(LOSS_FN, optim, total_steps=10)
     jaxpr = eqx.filter_make_jaxpr(step)(state, _batch(name))[0].jaxpr
     dots = _operand_dtypes(jaxpr, "dot_general")
@@ -119,9 +131,11 @@ def test_bfloat16_step_multiplies_in_bfloat16_only(name: str) -> None:
     assert {d for operands in dots + convs for d in operands} == {"bfloat16"}
 
 
+@pytest.mark.slow
 def test_bfloat16_steps_train_and_keep_float32_state() -> None:
     name = "dit"
-    model, batch = _model(name), _batch(name)
+    batch = _batch(name)
+    model = jax.tree_util.tree_map(lambda x: x.copy() if eqx.is_array(x) else x, _model(name))
     before = float(batch_loss(model, batch, KEYS))
     optim = OptimConfig(lr=3e-3, precision="bfloat16")
     state = init_train_state(model, optim, key=jax.random.key(4), total_steps=8)
@@ -137,34 +151,50 @@ def test_bfloat16_steps_train_and_keep_float32_state() -> None:
     assert {x.dtype for x in arrays} == {jnp.dtype(jnp.float32)}
 
 
+def _checkpoints(jaxpr) -> int:
+    """The number of `jax.checkpoint` equations ("remat2" in jax 0.10, "checkpoint" in others)."""
+    names = [eqn.primitive.name for eqn in _walk(jaxpr)]
+    return sum("remat" in n or "checkpoint" in n for n in names)
+
+
+def _num_blocks(model: FSDM) -> int:
+    """Checkpointed blocks: DiT blocks, or UNet residual and attention blocks; and the encoder."""
+    denoiser = model.denoiser
+    if isinstance(denoiser, DiT):
+        return len(denoiser.blocks) + 1
+    stages = [s for s in (*denoiser.down, *denoiser.up) if hasattr(s, "res")]
+    residual = len(stages) + 2
+    attention = sum(s.attn is not None for s in stages) + 1
+    return residual + attention + 1
+
+
 @pytest.mark.parametrize("name", ["dit", "unet"])
-def test_remat_gives_the_same_gradients_and_checkpoints_every_block(name: str) -> None:
+def test_remat_checkpoints_every_block(name: str) -> None:
+    batch = _batch(name)
+    forward = [
+        eqx.filter_make_jaxpr(batch_loss)(_abstract_model(name, remat), batch, KEYS)[0].jaxpr
+        for remat in (False, True)
+    ]
+    assert _checkpoints(forward[0]) == 0
+    assert _checkpoints(forward[1]) == _num_blocks(_abstract_model(name, True))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["dit", "unet"])
+def test_remat_gives_the_same_gradients(name: str) -> None:
     plain, remat = _model(name), _model(name, remat=True)
     for a, b in zip(
         jax.tree_util.tree_leaves(plain), jax.tree_util.tree_leaves(remat), strict=True
     ):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # the same parameters
     batch = _batch(name)
-    grad_fn = eqx.filter_grad(batch_loss)
-    grads = [eqx.filter_jit(grad_fn)(m, batch, KEYS) for m in (plain, remat)]
+    grad_fn = eqx.filter_jit(eqx.filter_grad(batch_loss))
+    grads = [grad_fn(m, batch, KEYS) for m in (plain, remat)]
     for a, b in zip(*(jax.tree_util.tree_leaves(g) for g in grads), strict=True):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-7)
-
-    def checkpoints(model: FSDM) -> int:
-        jaxpr = eqx.filter_make_jaxpr(grad_fn)(model, batch, KEYS)[0].jaxpr
-        # jax.checkpoint's primitive ("remat2" in jax 0.10; "checkpoint" in some versions)
-        names = [eqn.primitive.name for eqn in _walk(jaxpr)]
-        return sum("remat" in n or "checkpoint" in n for n in names)
-
-    denoiser = remat.denoiser
-    if name == "dit":
-        blocks = len(denoiser.blocks)
-    else:  # residual blocks and attention blocks, down, middle and up
-        stages = [s for s in (*denoiser.down, *denoiser.up) if hasattr(s, "res")]
-        blocks = 2 * len(stages) + 3 - sum(s.attn is None for s in stages)
-    assert checkpoints(plain) == 0
-    # every block (and the encoder) once in the forward pass, again in the backward pass
-    assert checkpoints(remat) >= blocks + 1
+    # the backward pass recomputes every block: a checkpoint per block there too
+    jaxpr = eqx.filter_make_jaxpr(eqx.filter_grad(batch_loss))(remat, batch, KEYS)[0].jaxpr
+    assert _checkpoints(jaxpr) >= _num_blocks(remat)
 
 
 def test_remat_must_be_a_bool() -> None:
