@@ -109,7 +109,8 @@ def make_train_step(
     """The jitted training step for ``loss_fn`` under ``config``.
 
     **Arguments:**
-    - `loss_fn`: the per-set loss, `(model, set, key) -> (loss, aux)`.
+    - `loss_fn`: the per-set loss, `(model, set, key, *, context_offset=None) -> (loss, aux)`
+      (see `LossFn`; `fsdm_loss_fn` makes one for an `FSDM`).
     - `config`: optimiser, EMA, precision and non-finite policy.
     - `total_steps`: the run's length, for the learning-rate schedule.
     - `mesh`: a `make_mesh()` mesh for data parallelism; the batch must then be placed with
