@@ -49,7 +49,7 @@ def _number(value: Any, digits: int = 3) -> str:
     if isinstance(value, float):
         if 1e3 <= abs(value) < 1e9:
             return f"{value:,.0f}"
-        if value == 0 or 1e-3 <= abs(value) < 1e3:
+        if 1e-3 <= abs(value) < 1e3 or not value:
             return f"{value:.{digits}g}"
         return f"{value:.{digits}e}"
     return str(value)
@@ -146,7 +146,7 @@ def render(paths: list[Path]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Write RESULTS.md from the results files."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description="Write benchmarks/RESULTS.md from JSON results.")
     parser.add_argument("results", nargs="*", type=Path, help="results JSON files")
     parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md", help="markdown file")
     args = parser.parse_args(argv)

@@ -32,6 +32,7 @@ import itertools
 import os
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -68,7 +69,7 @@ def _cpu_sets_per_s(draw: Callable[[], object], batches: int = 400) -> float:
     return batches * BATCH_SETS / (time.thread_time() - start)
 
 
-def _report(benchmark, name: str, key: str, cpu_sets_per_s: float | None = None) -> float:
+def _report(benchmark: Any, name: str, key: str, cpu_sets_per_s: float | None = None) -> float:
     stats = benchmark.stats.stats
     wall = {k: BATCH_SETS / getattr(stats, k) for k in ("min", "median", "mean")}
     info = {f"wall_sets_per_s_{k}": v for k, v in wall.items()}
@@ -93,7 +94,7 @@ def _report(benchmark, name: str, key: str, cpu_sets_per_s: float | None = None)
 
 
 @pytest.mark.parametrize("flips", [False, True], ids=["plain", "flips"])
-def test_sampler_batch(benchmark, dataset, flips: bool) -> None:
+def test_sampler_batch(benchmark: Any, dataset: tuple[np.ndarray, np.ndarray], flips: bool) -> None:
     images, labels = dataset
     sampler = SetSampler(
         images, labels, range(CLASSES), ns=NS, batch_size=BATCH_SETS, flips=flips, prefetch=0
@@ -108,7 +109,7 @@ def test_sampler_batch(benchmark, dataset, flips: bool) -> None:
     assert _report(benchmark, f"batch ({kind})", f"sampler_batch_{kind}", cpu) >= REQUIRED_RATIO
 
 
-def test_prefetch_stream(benchmark, dataset) -> None:
+def test_prefetch_stream(benchmark: Any, dataset: tuple[np.ndarray, np.ndarray]) -> None:
     images, labels = dataset
     workers = min(8, os.cpu_count() or 1)
     sampler = SetSampler(

@@ -93,10 +93,17 @@ def make_train_step(model: eqx.Module) -> tuple[Any, Callable[..., Any]]:
     """
     params, static = eqx.partition(model, eqx.is_inexact_array)
 
-    def step(params, x0, t, context, noise, key):
+    def step(
+        params: Any,
+        x0: jax.Array,
+        t: jax.Array,
+        context: jax.Array,
+        noise: jax.Array,
+        key: jax.Array,
+    ) -> tuple[jax.Array, Any]:
         keys = jax.random.split(key, x0.shape[0])
 
-        def loss_fn(params):
+        def loss_fn(params: Any) -> jax.Array:
             net = eqx.combine(params, static)
             x_t = x0 + noise
             out = jax.vmap(lambda x, t, c, k: net(x, t, c, key=k))(x_t, t, context, keys)
@@ -108,7 +115,7 @@ def make_train_step(model: eqx.Module) -> tuple[Any, Callable[..., Any]]:
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-def test_denoiser_train_step_throughput(benchmark, name):
+def test_denoiser_train_step_throughput(benchmark: Any, name: str) -> None:
     model = MODELS[name](jax.random.key(0))
     params, step = make_train_step(model)
     n_params = sum(p.size for p in jax.tree.leaves(params))
@@ -129,7 +136,7 @@ def test_denoiser_train_step_throughput(benchmark, name):
     matmul = roofline.MatmulRoofline("float32")
     benchmark.pedantic(run, setup=matmul.sample, rounds=ROUNDS, iterations=1, warmup_rounds=1)
     seconds = benchmark.stats.stats.median
-    figures = {
+    figures: dict[str, Any] = {
         "value": BATCH / seconds,
         "unit": "images/s",
         **roofline.roofline_figures(flops, seconds, matmul.flop_per_s, "float32"),

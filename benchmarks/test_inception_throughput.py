@@ -102,7 +102,7 @@ def test_inception_throughput(benchmark: Any, setup: dict[str, Any]) -> None:
         warmup_rounds=1,
     )
     seconds = benchmark.stats.stats.median
-    figures = {
+    figures: dict[str, Any] = {
         "value": BATCH / seconds,
         "unit": "images/s",
         "conv_gflop_per_image": conv_flops / BATCH / 1e9,

@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import statistics
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import equinox as eqx
 import jax
@@ -68,7 +68,7 @@ def setup(fsdm_model: Callable[..., Any]) -> dict[str, Any]:
 
         return jax.vmap(one)(x_t, t)
 
-    compiled = evaluate.lower(bench.model, x_t, t).compile()
+    compiled = cast(Any, evaluate).lower(bench.model, x_t, t).compile()
     return {
         "bench": bench,
         "support": support,
@@ -87,7 +87,7 @@ def test_sampling_throughput(benchmark: Any, setup: dict[str, Any], name: str) -
         return model.sample(support, NUM, key=key, diffusion_config=config)
 
     key = jax.random.key(4)
-    compiled = generate.lower(bench.model, support, key).compile()
+    compiled = cast(Any, generate).lower(bench.model, support, key).compile()
     flops = roofline.loop_flops(compiled, config.sampling_steps)
     matmul = roofline.MatmulRoofline("float32")
     standalone: list[float] = []
@@ -108,7 +108,7 @@ def test_sampling_throughput(benchmark: Any, setup: dict[str, Any], name: str) -
     seconds = benchmark.stats.stats.median
     step_seconds = seconds / config.sampling_steps
     evaluate_seconds = statistics.median(standalone)
-    figures = {
+    figures: dict[str, Any] = {
         "value": NUM / seconds,
         "unit": "images/s",
         "seconds_per_call": seconds,
