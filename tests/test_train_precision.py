@@ -38,9 +38,9 @@ CONFIGS = {
 DIFFUSION = DiffusionConfig(num_steps=100, sampling_steps=4)
 LOSS_FN = fsdm_loss_fn(DIFFUSION)
 BATCH = 2
-BF16_REL_TOL = 2e-2
-"""bfloat16 keeps 8 bits of mantissa (relative rounding 2^-9 per operation); over these small
-networks the loss moves by well under 2%."""
+BF16_REL_TOL = 2e-3
+"""bfloat16 keeps 8 bits of mantissa (relative rounding 2^-9 per operation); on these networks
+the loss moved by 6e-5 (DiT) and 1.1e-4 (UNet) relative, well within this bound."""
 
 
 def _unzero(tree, seed: int = 1):
