@@ -9,6 +9,7 @@ from .checkpoint import (
 from .loop import NonFiniteError as NonFiniteError, train as train
 from .objective import fsdm_loss_fn as fsdm_loss_fn
 from .optimizer import (
+    ema_decay_at as ema_decay_at,
     ema_update as ema_update,
     learning_rate_schedule as learning_rate_schedule,
     make_optimizer as make_optimizer,
@@ -25,5 +26,6 @@ from .state import TrainState as TrainState, init_train_state as init_train_stat
 from .step import (
     LossFn as LossFn,
     cast_floating as cast_floating,
+    grad_param_ratios as grad_param_ratios,
     make_train_step as make_train_step,
 )
