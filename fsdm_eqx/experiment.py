@@ -14,7 +14,7 @@ import dataclasses
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, PRNGKeyArray, UInt8
+from jaxtyping import Array, Float, Integer, PRNGKeyArray, Shaped, UInt8
 
 from .config import (
     DataConfig,
@@ -33,12 +33,21 @@ from .config import (
     RunConfig,
     check_range,
     model_preset,
+    no_type_check,
 )
 from .data.download import DataError
 from .data.pipeline import load_dataset, make_sampler
-from .instrument import ConsoleSink, JsonlSink, MultiSink
+from .instrument import (
+    Sink,
+    Visuals,
+    collect_visuals,
+    fid_eval_figure,
+    generation_figure,
+    make_sink,
+    support_target_figure,
+)
 from .metrics._inception_weights import InceptionWeightsError
-from .metrics.fewshot import fewshot_fid, to_uint8
+from .metrics.fewshot import draw_support_sets, fewshot_fid, to_uint8
 from .metrics.probe import fewshot_probe
 from .nn.fsdm import FSDM, count_parameters
 from .train import (
@@ -53,6 +62,7 @@ from .train import (
 from .train.checkpoint import CheckpointError, latest_checkpoint
 
 
+@no_type_check
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
     """Everything one few-shot run needs: the five component configs and the run settings."""
@@ -78,12 +88,18 @@ class ExperimentConfig:
     """Run the few-shot classification probe on the `eval.eval_split` classes: each query image is
     given the class whose support-set context is nearest to its own context."""
     grid_sets: int = 8
-    """Support sets shown in ``samples.png``, each as a row of support images over a row of
-    generated ones."""
+    """Support sets of unseen classes shown in ``samples.png`` (each as a row of support images
+    over a row of generated ones), logged as ``generation/set_{i}`` every `run.sample_every`
+    steps and as ``fid_eval/example_{i}`` after the FID; as many training sets are logged as
+    ``train/support_target_set_{i}``."""
+    visual_sets: int = 2
+    """Of those sets, how many get the encoder's attention maps, rollout and saliency at every
+    evaluation (`run.eval_every`); 0 turns the encoder visuals off."""
 
     def __post_init__(self) -> None:
         for name in ("eval_loss_batches", "grid_sets"):
             check_range(self, name, low=1)
+        check_range(self, "visual_sets", low=0, high=self.grid_sets)
         if self.model.ns != self.data.ns:
             raise ValueError(
                 f"ExperimentConfig has model.ns={self.model.ns} but data.ns={self.data.ns}; the "
@@ -121,18 +137,26 @@ PRESETS: dict[str, ExperimentConfig] = {
         optim=OptimConfig(lr=1e-3, ema_start=0, ema_every=1, ema_decay=0.9),
         data=DataConfig(dataset="cifar100", class_split="fc100", batch_size=4, ns=6, prefetch=0),
         eval=EvalConfig(
-            num_sets=10,
+            num_sets=5,
             ns=5,
             samples_per_set=5,
             sampling_steps=10,
-            generate_batch_size=10,
+            generate_batch_size=5,
             feature_batch_size=50,
             kid_subset_size=25,
             kid_num_subsets=10,
             probe_episodes=2,
             probe_queries_per_class=5,
         ),
-        run=RunConfig(run_dir="runs/smoke", num_steps=10, log_every=5, save_every=5, eval_every=0),
+        run=RunConfig(
+            run_dir="runs/smoke",
+            num_steps=10,
+            log_every=5,
+            save_every=5,
+            eval_every=10,
+            sample_every=5,
+            wandb="offline",
+        ),
         eval_loss_batches=2,
         grid_sets=4,
     ),
@@ -287,13 +311,48 @@ def run_experiment(config: ExperimentConfig) -> dict[str, Any]:
     last = latest_checkpoint(run_dir)
     start = 0 if last is None else int(json.loads((last / "metadata.json").read_text())["step"])
 
+    eval_classes = split.classes(config.eval.eval_split)
+    eval_mask = np.isin(data.labels, eval_classes)
+    eval_images, eval_labels = data.images[eval_mask], data.labels[eval_mask]
+    support, real = _fixed_examples(config, eval_images, eval_labels, eval_classes)
+    train_sets = _fixed_train_sets(config, data, split)
+    sample_config = dataclasses.replace(
+        config.diffusion,
+        sampler=config.eval.sampler,
+        sampling_steps=min(config.eval.sampling_steps, config.diffusion.num_steps),
+    )
+    generate_sets = _generate_sets_fn(config.eval.samples_per_set, sample_config)
+    image_keys = jax.random.split(jax.random.PRNGKey(config.eval.seed), config.grid_sets)
+    evaluated: dict[int, dict[str, float]] = {}
+
     def eval_fn(state: Any) -> dict[str, float]:
         ema = eqx.nn.inference_mode(state.ema)
-        return {"eval_loss": _eval_loss(ema, config, data, split, eval_key)}
+        evaluated[int(state.step)] = {"eval_loss": _eval_loss(ema, config, data, split, eval_key)}
+        return evaluated[int(state.step)]
 
-    sink = MultiSink(JsonlSink(run_dir), ConsoleSink())
-    t0 = time.perf_counter()
+    def images_fn(state: Any) -> dict[str, np.ndarray]:
+        ema = eqx.nn.inference_mode(state.ema)
+        generated = np.asarray(generate_sets(ema, jnp.asarray(support), image_keys))
+        images = {
+            f"train/support_target_set_{i}": support_target_figure(x_set, i % len(x_set))
+            for i, x_set in enumerate(train_sets)
+        }
+        for i, (s, g) in enumerate(zip(support, generated, strict=True)):
+            images[f"generation/set_{i}"] = generation_figure(s, g)
+        return images
+
+    def visuals_fn(state: Any) -> Visuals:
+        return collect_visuals(
+            eqx.nn.inference_mode(state.ema),
+            jnp.asarray(support[: config.visual_sets]),
+            layers=sorted({0, config.model.encoder_depth - 1}),
+            heads=(0,),
+            key=jax.random.PRNGKey(config.eval.seed),
+        )
+
+    sink = make_sink(config.run, name=run_dir.name, config=dataclasses.asdict(config))
     try:
+        t0 = time.perf_counter()
         state = train(
             state,
             step_fn,
@@ -304,48 +363,82 @@ def run_experiment(config: ExperimentConfig) -> dict[str, Any]:
             metadata=metadata,
             place_batch=lambda batch: shard_batch(batch, mesh),
             skip_nonfinite=config.optim.skip_nonfinite,
+            images_fn=images_fn,
+            visuals_fn=visuals_fn if config.visual_sets else None,
+        )
+        train_seconds = time.perf_counter() - t0
+        results = _evaluate(
+            config,
+            state,
+            start=start,
+            train_seconds=train_seconds,
+            cached_eval=evaluated.get(int(state.step)),
+            eval_loss=lambda ema: _eval_loss(ema, config, data, split, eval_key),
+            examples=(support, real, train_sets),
+            generate=lambda ema: np.asarray(generate_sets(ema, jnp.asarray(support), image_keys)),
+            eval_data=(eval_images, eval_labels, eval_classes),
+            sample_config=sample_config,
+            sink=sink,
         )
     finally:
         sink.close()
-    train_seconds = time.perf_counter() - t0
-    train_metrics = _last_logged(run_dir / "metrics.jsonl")
+    (run_dir / "metrics.json").write_text(json.dumps(results, indent=2, sort_keys=True))
+    print(_summary(results), flush=True)
+    return results
 
+
+def _evaluate(
+    config: ExperimentConfig,
+    state: Any,
+    *,
+    start: int,
+    train_seconds: float,
+    cached_eval: dict[str, float] | None,
+    eval_loss: Callable[[FSDM], float],
+    examples: tuple[np.ndarray, np.ndarray, np.ndarray],
+    generate: Callable[[FSDM], np.ndarray],
+    eval_data: tuple[np.ndarray, np.ndarray, Sequence[int]],
+    sample_config: DiffusionConfig,
+    sink: Sink,
+) -> dict[str, Any]:
+    """The final evaluation of the EMA model: loss, sample grid, few-shot FID, the probe."""
+    run_dir = Path(config.run.run_dir)
+    step = int(state.step)
     ema = eqx.nn.inference_mode(state.ema)
-    results: dict[str, Any] = {
-        "step": int(state.step),
-        "resumed_from": start,
-        "train_seconds": train_seconds,
-    }
-    results |= {f"train/{k}": v for k, v in train_metrics.items()}
+    results: dict[str, Any] = {"step": step, "resumed_from": start, "train_seconds": train_seconds}
+    results |= {f"train/{k}": v for k, v in _last_logged(run_dir / "metrics.jsonl").items()}
     results |= {f"parameters/{k}": v for k, v in count_parameters(ema).items()}
-    results["eval_loss"] = _eval_loss(ema, config, data, split, eval_key)
+    results["eval_loss"] = eval_loss(ema) if cached_eval is None else cached_eval["eval_loss"]
 
-    sample_config = dataclasses.replace(
-        config.diffusion,
-        sampler=config.eval.sampler,
-        sampling_steps=min(config.eval.sampling_steps, config.diffusion.num_steps),
-    )
+    support, real, _ = examples
+    generated = generate(ema)
+    grid = _grid(to_uint8(support), to_uint8(generated))
+    write_png(run_dir / "samples.png", grid)
+    results["samples_png"] = str(run_dir / "samples.png")
+    sink.log_images({"samples/grid": grid}, step)
 
-    def generate(support: Float[Array, "m c h w"], key: PRNGKeyArray) -> Float[Array, "k c h w"]:
-        return ema.sample(
-            support, config.eval.samples_per_set, key=key, diffusion_config=sample_config
-        )
-
-    results |= _samples_grid(generate, config, data, split, run_dir)
+    images, labels, classes = eval_data
     if config.fid:
         t1 = time.perf_counter()
-        classes = split.classes(config.eval.eval_split)
-        chosen = np.isin(data.labels, classes)
-        fid = fewshot_fid(
-            generate, data.images[chosen], data.labels[chosen], config=config.eval, classes=classes
-        )
+
+        def generate_one(s: Float[Array, "m c h w"], key: PRNGKeyArray) -> Float[Array, "k c h w"]:
+            return ema.sample(
+                s, config.eval.samples_per_set, key=key, diffusion_config=sample_config
+            )
+
+        fid = fewshot_fid(generate_one, images, labels, config=config.eval, classes=classes)
         for name in ("fid", "kid_mean", "kid_std", "precision", "recall"):
             results[name] = float(getattr(fid, name))
         results["fid_detail"] = fid.to_dict()
         results["fid_seconds"] = time.perf_counter() - t1
+        sink.log_images(
+            {
+                f"fid_eval/example_{i}": fid_eval_figure(s, g, r)
+                for i, (s, g, r) in enumerate(zip(support, generated, real, strict=True))
+            },
+            step,
+        )
     if config.probe:
-        classes = split.classes(config.eval.eval_split)
-        chosen = np.isin(data.labels, classes)
 
         def embed(x_set: Float[Array, "m c h w"]) -> Array:
             # An encoder with a timestep token is read at t = 0, the clean images.
@@ -354,8 +447,8 @@ def run_experiment(config: ExperimentConfig) -> dict[str, Any]:
 
         probe = fewshot_probe(
             embed,
-            data.images[chosen],
-            data.labels[chosen],
+            images,
+            labels,
             classes=classes,
             ns=config.eval.ns,
             num_episodes=config.eval.probe_episodes,
@@ -364,9 +457,52 @@ def run_experiment(config: ExperimentConfig) -> dict[str, Any]:
         )
         results["probe_accuracy"] = probe.accuracy
         results["probe_top5_accuracy"] = probe.top5_accuracy
-    (run_dir / "metrics.json").write_text(json.dumps(results, indent=2, sort_keys=True))
-    print(_summary(results), flush=True)
+    final = {name: results[name] for name, _ in SUMMARY_METRICS if name in results}
+    sink.log({f"final/{k}": float(v) for k, v in final.items() if k != "step"}, step)
     return results
+
+
+def _fixed_examples(
+    config: ExperimentConfig,
+    images: UInt8[np.ndarray, "n c h w"],
+    labels: Integer[np.ndarray, " n"],
+    classes: Sequence[int],
+) -> tuple[Float[np.ndarray, "s m c h w"], Float[np.ndarray, "s k c h w"]]:
+    """Support sets of the evaluation classes, chosen once, and as many other real images of each
+    set's class as are generated from it (the figures compare the same sets across steps)."""
+    m, k = config.eval.ns, config.eval.samples_per_set
+    sets = draw_support_sets(
+        labels, classes, num_sets=config.grid_sets, ns=m + k, seed=config.eval.seed
+    )
+    drawn = images[sets.indices].astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+    return drawn[:, :m], drawn[:, m:]
+
+
+def _fixed_train_sets(
+    config: ExperimentConfig, data: Any, split: Any
+) -> Float[np.ndarray, "s ns c h w"]:
+    """Training sets shown with their target image, chosen once."""
+    data_config = dataclasses.replace(
+        config.data, batch_size=config.grid_sets, flips=False, prefetch=0, seed=config.eval.seed
+    )
+    return np.asarray(make_sampler(data_config, data, split).batch(0)[0])
+
+
+def _generate_sets_fn(
+    num: int, sample_config: DiffusionConfig
+) -> Callable[[FSDM, Array, Array], Array]:
+    """A compiled ``(model, supports, keys) -> generated``: ``num`` images for each set."""
+
+    @eqx.filter_jit
+    def generate_sets(
+        model: FSDM, supports: Float[Array, "s m c h w"], keys: Shaped[Array, "s ..."]
+    ) -> Float[Array, "s k c h w"]:
+        def one(support: Float[Array, "m c h w"], key: PRNGKeyArray) -> Array:
+            return model.sample(support, num, key=key, diffusion_config=sample_config)
+
+        return jax.vmap(one)(supports, keys)
+
+    return generate_sets
 
 
 def _last_logged(path: Path) -> dict[str, float]:
@@ -398,27 +534,6 @@ def _eval_loss(
         sets, _ = sampler.batch(i)
         total += float(batch_loss(ema, jnp.asarray(sets), jax.random.fold_in(key, i)))
     return total / config.eval_loss_batches
-
-
-def _samples_grid(
-    generate: Any, config: ExperimentConfig, data: Any, split: Any, run_dir: Path
-) -> dict[str, Any]:
-    """Generate from a few support sets of the evaluation classes and write ``samples.png``."""
-    data_config = dataclasses.replace(
-        config.data,
-        split=config.eval.eval_split,
-        ns=config.eval.ns,
-        batch_size=config.grid_sets,
-        flips=False,
-        prefetch=0,
-        seed=config.eval.seed,
-    )
-    support, _ = make_sampler(data_config, data, split).batch(0)
-    keys = jax.random.split(jax.random.PRNGKey(config.eval.seed), config.grid_sets)
-    generated = eqx.filter_jit(jax.vmap(generate))(jnp.asarray(support), keys)
-    grid = _grid(to_uint8(support), to_uint8(np.asarray(generated)))
-    write_png(run_dir / "samples.png", grid)
-    return {"samples_png": str(run_dir / "samples.png")}
 
 
 def _parse_preset(argv: Sequence[str]) -> tuple[str | None, list[str]]:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -19,23 +22,26 @@ def _smoke_args(run_dir: Path) -> list[str]:
     weights = shared_path("weights", "fid_inception_v3_2015-12-05_nofc_pytorchfid_names.npz")
     return [
         "--preset", "smoke",
-        "--data.data-dir", str(data),
+        "--data-dir", str(data),
         "--data.no-download",
         "--eval.inception-weights", str(weights),
         "--run.run-dir", str(run_dir),
+        "--run.no-progress",
     ]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], Path]:
+def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], Path, str]:
     run_dir = tmp_path_factory.mktemp("smoke")
     args = _smoke_args(run_dir)
-    main(args)
-    return args, run_dir
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        main(args)
+    return args, run_dir, out.getvalue()
 
 
-def test_smoke_end_to_end(smoke_run: tuple[list[str], Path]) -> None:
-    _, run_dir = smoke_run
+def test_smoke_end_to_end(smoke_run: tuple[list[str], Path, str]) -> None:
+    _, run_dir, _ = smoke_run
     smoke = PRESETS["smoke"]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["step"] == smoke.run.num_steps
@@ -44,6 +50,7 @@ def test_smoke_end_to_end(smoke_run: tuple[list[str], Path]) -> None:
         assert np.isfinite(metrics[name]), name
     assert metrics["fid"] > 0
     assert 0 <= metrics["precision"] <= 1 and 0 <= metrics["recall"] <= 1
+    assert 0 <= metrics["probe_accuracy"] <= metrics["probe_top5_accuracy"] <= 1
     detail = metrics["fid_detail"]
     assert detail["distro"] == "out-distro"
     config = json.loads((run_dir / "config.json").read_text())
@@ -58,20 +65,91 @@ def test_smoke_end_to_end(smoke_run: tuple[list[str], Path]) -> None:
     # Two rows (support, generated) of 32-pixel images per set, 2-pixel borders.
     assert grid.shape == (2 * smoke.grid_sets * 34 + 2, smoke.eval.ns * 34 + 2, 3)
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [line["step"] for line in lines] == list(range(5, smoke.run.num_steps + 1, 5))
+    assert [line["step"] for line in lines if "loss" in line] == [5, 10]
+    assert any("eval_loss" in line for line in lines)
     assert latest_checkpoint(run_dir) is not None
 
 
-def test_rerun_resumes(smoke_run: tuple[list[str], Path]) -> None:
-    args, run_dir = smoke_run
+def test_smoke_logs_images_visuals_and_wandb_offline(
+    smoke_run: tuple[list[str], Path, str],
+) -> None:
+    _, run_dir, _ = smoke_run
+    smoke = PRESETS["smoke"]
+    images = {p.name for p in (run_dir / "images").glob("*.png")}
+    every = smoke.run.sample_every
+    for step in range(every, smoke.run.num_steps + 1, every):
+        for i in range(smoke.grid_sets):
+            assert f"train_support_target_set_{i}_{step:08d}.png" in images
+            assert f"generation_set_{i}_{step:08d}.png" in images
+    end = f"{smoke.run.num_steps:08d}"
+    for i in range(smoke.grid_sets):
+        assert f"fid_eval_example_{i}_{end}.png" in images
+    for i in range(smoke.visual_sets):
+        for name in (f"encoder_rollout_set{i}", f"encoder_saliency_set{i}",
+                     f"encoder_attention_layer0_head0_set{i}"):  # fmt: skip
+            assert f"{name}_{end}.png" in images, name
+    assert f"encoder_position_similarity_{end}.png" in images
+    assert f"samples_grid_{end}.png" in images
+    # The final grid sent to the sinks is samples.png.
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(run_dir / "images" / f"samples_grid_{end}.png")),
+        np.asarray(Image.open(run_dir / "samples.png")),
+    )
+    assert list((run_dir / "histograms").glob("params_*"))
+    (offline,) = (run_dir / "wandb").glob("offline-run-*")
+    assert list(offline.glob("*.wandb"))
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    final = [r for r in records if "final/fid" in r]
+    assert final and final[0]["final/fid"] == pytest.approx(
+        json.loads((run_dir / "metrics.json").read_text())["fid"]
+    )
+
+
+def test_summary_table_leaves_out_debug_metrics(smoke_run: tuple[list[str], Path, str]) -> None:
+    _, run_dir, printed = smoke_run
+    table = printed[printed.index("metric ") :]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert any(k.startswith("train/debug/") for k in metrics)  # they are in metrics.json ...
+    assert "debug" not in table and "system" not in table  # ... but not in the summary
+    labels = ("few-shot FID, unseen classes", "training loss", "EMA loss", "precision", "recall",
+              "KID (mean)", "probe accuracy", "steps trained", "training time")  # fmt: skip
+    for label in labels:
+        assert label in table, label
+    assert f"{metrics['fid']:.6g}" in table
+
+
+def test_sample_cli_on_the_smoke_run(
+    smoke_run: tuple[list[str], Path, str], tmp_path: Path
+) -> None:
+    from fsdm_eqx.sample import main as sample_main
+
+    _, run_dir, _ = smoke_run
+    support = tmp_path / "support"
+    support.mkdir()
+    rng = np.random.default_rng(0)
+    for i, size in enumerate((32, 64, 48)):
+        pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(support / f"{i}.png")
+    out = tmp_path / "out"
+    argv = ["--checkpoint", str(run_dir), "--support-dir", str(support), "--out-dir", str(out),
+            "--num", "2", "--steps", "2", "--columns", "3"]  # fmt: skip
+    sample_main(argv)
+    assert sorted(p.name for p in out.iterdir()) == ["grid.png", "sample_000.png", "sample_001.png"]
+    assert np.asarray(Image.open(out / "sample_001.png")).shape == (32, 32, 3)
+    assert np.asarray(Image.open(out / "grid.png")).shape == (2 * 34 + 2, 3 * 34 + 2, 3)
+
+
+def test_rerun_resumes(smoke_run: tuple[list[str], Path, str]) -> None:
+    args, run_dir, _ = smoke_run
     steps = PRESETS["smoke"].run.num_steps
-    main([*args, "--no-fid", "--run.num-steps", str(steps + 5)])
+    cheap = ["--no-fid", "--no-probe", "--visual-sets", "0", "--run.sample-every", "0"]
+    main([*args, *cheap, "--run.num-steps", str(steps + 5), "--run.wandb", "disabled"])
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["resumed_from"] == steps
     assert metrics["step"] == steps + 5
-    assert "fid" not in metrics
+    assert "fid" not in metrics and "probe_accuracy" not in metrics
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [line["step"] for line in lines] == list(range(5, steps + 6, 5))
+    assert [line["step"] for line in lines if "loss" in line] == list(range(5, steps + 6, 5))
 
 
 def test_help_lists_fields_with_defaults(capsys: pytest.CaptureFixture[str]) -> None:
@@ -80,8 +158,9 @@ def test_help_lists_fields_with_defaults(capsys: pytest.CaptureFixture[str]) -> 
     assert info.value.code == 0
     out = capsys.readouterr().out
     flags = ("--preset", "--run.run-dir", "--run.num-steps", "--model.denoiser",
-             "--diffusion.num-steps", "--optim.lr", "--data.data-dir",
-             "--eval.inception-weights")  # fmt: skip
+             "--diffusion.num-steps", "--optim.lr", "--data.data-dir", "--data-dir",
+             "--cache-dir", "--eval.inception-weights", "--run.wandb", "--run.sample-every",
+             "--no-fid", "--no-probe", "--grid-sets", "--visual-sets")  # fmt: skip
     for flag in flags:
         assert flag in out, flag
     assert "default: unet" in out  # the paper preset's denoiser
@@ -137,3 +216,21 @@ def test_missing_inception_weights_fail_before_training(tmp_path: Path) -> None:
     message = str(info.value.code)
     assert message.startswith("error: ") and "--no-fid" in message and "\n" not in message
     assert not (tmp_path / "run").exists()
+
+
+def test_flags_named_in_error_messages_exist(capsys: pytest.CaptureFixture[str]) -> None:
+    """Every ``--flag`` that the library's messages tell the user to pass is a real flag."""
+    from fsdm_eqx.sample import main as sample_main
+
+    helps = ""
+    for entry in (main, sample_main):
+        with pytest.raises(SystemExit):
+            entry(["--help"])
+        helps += capsys.readouterr().out
+    package = Path(__file__).resolve().parent.parent / "fsdm_eqx"
+    named = set()
+    for path in package.rglob("*.py"):
+        named |= {m.rstrip(".") for m in re.findall(r"--[a-z][a-z0-9.-]*", path.read_text())}
+    assert {"--data-dir", "--no-fid", "--support-dir"} <= named
+    for flag in sorted(named):
+        assert re.search(re.escape(flag) + r"\b", helps), flag
