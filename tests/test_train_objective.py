@@ -1,5 +1,8 @@
 """The FSDM objective through the training step: norms per subtree, context statistics, the
-gradient with respect to the contexts and the denoiser's modulation magnitudes."""
+gradient with respect to the contexts and the denoiser's modulation magnitudes.
+
+Both tests share one run of three steps (module fixture), so the step compiles once.
+"""
 
 import equinox as eqx
 import jax
@@ -14,22 +17,31 @@ from fsdm_eqx.nn import FSDM
 from fsdm_eqx.nn.dit import ADALN_PARTS
 from fsdm_eqx.train import fsdm_loss_fn, init_train_state, make_train_step
 
+CONFIG = model_preset("smoke")
+DIFFUSION = DiffusionConfig(num_steps=100, sampling_steps=10)
 
-def test_fsdm_trains_through_the_step() -> None:
-    config = model_preset("smoke")
-    diffusion = DiffusionConfig(num_steps=100, sampling_steps=10)
+
+@pytest.fixture(scope="module")
+def run():
+    """Three steps of the smoke FSDM with a frozen posterior: the batch, the initial posterior,
+    the state before the last step and after it, and the metrics of each step."""
     optim = OptimConfig(lr=1e-3, frozen=("posterior",))
-    model = FSDM(config, key=jax.random.key(0))
+    model = FSDM(CONFIG, key=jax.random.key(0))
     state = init_train_state(model, optim, key=jax.random.key(1), total_steps=10)
-    step = make_train_step(fsdm_loss_fn(diffusion), optim, total_steps=10)
+    step = make_train_step(fsdm_loss_fn(DIFFUSION), optim, total_steps=10)
     rng = np.random.default_rng(0)
-    batch = rng.uniform(-1, 1, size=(2, config.ns, 3, 32, 32)).astype(np.float32)
-    posterior_before = np.asarray(jax.tree_util.tree_leaves(state.model.posterior)[0]).copy()
+    batch = rng.uniform(-1, 1, size=(2, CONFIG.ns, 3, 32, 32)).astype(np.float32)
+    posterior = np.asarray(jax.tree_util.tree_leaves(state.model.posterior)[0]).copy()
     history = []
     for _ in range(3):  # the step donates its input: keep a copy of the state before step 3
         before = jax.tree_util.tree_map(lambda x: x.copy() if eqx.is_array(x) else x, state)
         state, metrics = step(state, jnp.asarray(batch))
         history.append({k: float(v) for k, v in metrics.items()})
+    return batch, posterior, before, state, history
+
+
+def test_fsdm_trains_through_the_step(run) -> None:
+    _, posterior_before, _, state, history = run
     values = history[-1]
     for name in ("loss", "mse", "vb", "klc", "debug/context_norm", "debug/context_std",
                  "debug/grad_norm_encoder", "debug/grad_norm_denoiser",
@@ -41,22 +53,25 @@ def test_fsdm_trains_through_the_step() -> None:
     np.testing.assert_array_equal(
         np.asarray(jax.tree_util.tree_leaves(state.model.posterior)[0]), posterior_before
     )
-
     # Modulation per DiT block: all zero at initialisation (adaLN-Zero); the values themselves
     # are checked against numpy in the DiT and UNet tests.
-    hidden, depth, _ = config.dit_dims
-    del hidden
+    _, depth, _ = CONFIG.dit_dims
     names = [f"debug/modulation/block{i}/{part}" for i in range(depth) for part in ADALN_PARTS]
     names += ["debug/modulation/final/shift", "debug/modulation/final/scale"]
     assert {k for k in history[0] if k.startswith("debug/modulation/")} == set(names)
     assert all(history[0][name] == 0.0 for name in names)
-    assert all(np.isfinite(history[1][name]) for name in names)
-
-    # The context gradient: per set, d loss / d (its leave-one-out contexts), as jax.grad of the
-    # summed per-set losses with respect to an offset on the contexts gives it. (At
-    # initialisation the output ignores the context; two steps make the final adaLN move.)
+    assert all(np.isfinite(history[2][name]) for name in names)
+    # At initialisation the output ignores the context, so no gradient reaches it.
     assert history[0]["debug/context_grad_norm"] == 0.0
-    schedule = make_schedule(diffusion.schedule, diffusion.num_steps)
+
+
+@pytest.mark.slow
+def test_fsdm_context_grad_norm_matches_jax_grad_over_a_context_offset(run) -> None:
+    """Per set, d loss / d (its leave-one-out contexts), as jax.grad of the summed per-set
+    losses with respect to an offset on the contexts gives it. (Two steps make the final adaLN
+    move, so that the context matters.)"""
+    batch, _, before, _, history = run
+    schedule = make_schedule(DIFFUSION.schedule, DIFFUSION.num_steps)
     _, step_key = jax.random.split(before.key)
     keys = jax.random.split(step_key, batch.shape[0])
 
@@ -67,7 +82,7 @@ def test_fsdm_trains_through_the_step() -> None:
                 out = model.loss(
                     x_set,
                     key=key,
-                    diffusion_config=diffusion,
+                    diffusion_config=DIFFUSION,
                     schedule=schedule,
                     context_offset=offset,
                 )
@@ -75,7 +90,7 @@ def test_fsdm_trains_through_the_step() -> None:
 
             return jnp.sum(jax.vmap(one)(batch, keys, offsets))
 
-        return jax.grad(total)(jnp.zeros((batch.shape[0], config.ns, config.hdim)))
+        return jax.grad(total)(jnp.zeros((batch.shape[0], CONFIG.ns, CONFIG.hdim)))
 
     grads = np.asarray(per_set_context_grads(before.model, jnp.asarray(batch), keys))
     expected = np.mean(np.linalg.norm(grads.reshape(grads.shape[0], -1), axis=1))
