@@ -5,6 +5,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
@@ -42,6 +43,12 @@ class AbstractDenoiser(eqx.Module):
         **Returns:** the prediction, channels first.
         """
 
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        """The dtype of the weights, in which the network computes (bfloat16 under mixed
+        precision); inputs are cast to it."""
+        return weights_dtype(self)
+
     @abc.abstractmethod
     def modulation(
         self, t: Float[Array, ""], context: Float[Array, " d"] | Float[Array, "n d"]
@@ -57,6 +64,14 @@ class AbstractDenoiser(eqx.Module):
 
         **Returns:** `{"<block>/<part>": rms}` in float32, e.g. `"block0/gate_msa"`.
         """
+
+
+def weights_dtype(module: eqx.Module) -> jnp.dtype:
+    """The dtype of a module's first floating-point array: the dtype it computes in."""
+    for leaf in jax.tree_util.tree_leaves(module):
+        if eqx.is_inexact_array(leaf):
+            return leaf.dtype
+    return jnp.dtype(jnp.float32)
 
 
 def rms(v: Float[Array, "*shape"]) -> Float[Array, ""]:

@@ -304,12 +304,6 @@ class DiT(AbstractDenoiser):
         self.conditioning = conditioning
         self.remat = remat
 
-    @property
-    def compute_dtype(self) -> jnp.dtype:
-        """The dtype of the weights, in which the network computes (bfloat16 under mixed
-        precision); inputs are cast to it."""
-        return self.patch_embed.weight.dtype
-
     def condition(
         self, t: Float[Array, ""], context: Float[Array, " d"] | Float[Array, "n d"]
     ) -> tuple[Float[Array, " hidden"], Float[Array, "m hidden"] | None]:

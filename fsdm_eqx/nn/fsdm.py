@@ -30,7 +30,7 @@ from .. import diffusion
 from ..config import DiffusionConfig, ModelConfig
 from ..diffusion import Schedule
 from .attention import split_key
-from .denoiser import AbstractDenoiser, maybe_checkpoint
+from .denoiser import AbstractDenoiser, maybe_checkpoint, weights_dtype
 from .dit import DiT
 from .posterior import GaussianPosterior, gaussian_kl, reparameterize
 from .unet import UNet
@@ -108,14 +108,6 @@ def build_denoiser(config: ModelConfig, *, key: PRNGKeyArray) -> AbstractDenoise
         remat=config.remat,
         key=key,
     )
-
-
-def weights_dtype(module: eqx.Module) -> jnp.dtype:
-    """The dtype of a module's first floating-point array: the dtype it computes in."""
-    for leaf in jax.tree_util.tree_leaves(module):
-        if eqx.is_inexact_array(leaf):
-            return leaf.dtype
-    return jnp.dtype(jnp.float32)
 
 
 class FSDM(eqx.Module):

@@ -463,12 +463,6 @@ class UNet(AbstractDenoiser):
         self.out_norm = eqx.nn.GroupNorm(_GROUPS, ch)
         self.out_conv = _zero(eqx.nn.Conv2d(ch, out_channels, 3, padding=1, key=next(keys)))
 
-    @property
-    def compute_dtype(self) -> jnp.dtype:
-        """The dtype of the weights, in which the network computes (bfloat16 under mixed
-        precision); inputs are cast to it."""
-        return self.conv_in.weight.dtype
-
     def condition(
         self, t: Float[Array, ""], context: Float[Array, " d"] | Float[Array, "n d"]
     ) -> Float[Array, " e"]:
