@@ -53,6 +53,7 @@ from .nn.fsdm import FSDM, count_parameters
 from .train import (
     fsdm_loss_fn,
     init_train_state,
+    initialize_distributed,
     make_mesh,
     make_train_step,
     replicate,
@@ -569,6 +570,7 @@ def main(argv: Sequence[str] | None = None, *, default_preset: str = "paper-cifa
         config = tyro.cli(
             ExperimentConfig, args=rest, default=PRESETS[preset], description=description
         )
+        initialize_distributed()  # joins a multi-host run described by the environment
         run_experiment(config)
     except (
         ValueError,

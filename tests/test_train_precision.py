@@ -35,6 +35,7 @@ CONFIGS = {
         unet_dropout=0.0,
     ),
 }
+CONFIGS["unet_time_token"] = dataclasses.replace(CONFIGS["unet"], encoder_time_token=True)
 DIFFUSION = DiffusionConfig(num_steps=100, sampling_steps=4)
 LOSS_FN = fsdm_loss_fn(DIFFUSION)
 BATCH = 2
@@ -115,7 +116,7 @@ def test_bfloat16_loss_is_close_to_float32(name: str) -> None:
     assert bf16 == pytest.approx(f32, rel=BF16_REL_TOL)
 
 
-@pytest.mark.parametrize("name", ["dit", "unet"])
+@pytest.mark.parametrize("name", ["dit", "unet", "unet_time_token"])
 def test_bfloat16_step_multiplies_in_bfloat16_only(name: str) -> None:
     optim = OptimConfig(lr=1e-3, precision="bfloat16")
     state = eqx.filter_eval_shape(
@@ -126,7 +127,7 @@ def test_bfloat16_step_multiplies_in_bfloat16_only(name: str) -> None:
     dots = _operand_dtypes(jaxpr, "dot_general")
     convs = _operand_dtypes(jaxpr, "conv_general_dilated")
     assert len(dots) > 20
-    if name == "unet":
+    if name.startswith("unet"):
         assert len(convs) > 10
     assert {d for operands in dots + convs for d in operands} == {"bfloat16"}
 

@@ -185,7 +185,8 @@ class MultiheadAttention(eqx.Module):
                 raise ValueError("Locality Self-Attention is self-attention: pass no context.")
             diagonal = jnp.eye(x.shape[0], dtype=bool)
             logits = jnp.where(diagonal, jnp.finfo(logits.dtype).min, logits)
-        weights = jax.nn.softmax(logits, axis=-1)
+        # The softmax runs in float32 whatever the compute dtype, then returns to it.
+        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
         out = jnp.einsum("hnm,mhd->nhd", weights, v).reshape(x.shape[0], -1)
         out = self.dropout(apply_tokens(self.to_out, out), key=key, inference=inference)
         return out, weights

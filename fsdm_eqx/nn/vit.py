@@ -152,7 +152,8 @@ class SetTransformer(eqx.Module):
                     "this encoder was built with a timestep token "
                     "(ModelConfig.encoder_time_token=True): pass the timestep t."
                 )
-            special.append(self.time_proj(timestep_embedding(t, self.time_dim))[None])
+            embedding = timestep_embedding(t, self.time_dim).astype(self.time_proj.weight.dtype)
+            special.append(self.time_proj(embedding)[None])
         elif t is not None:
             raise ValueError(
                 "this encoder has no timestep token (ModelConfig.encoder_time_token=False): "
