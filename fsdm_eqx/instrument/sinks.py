@@ -161,31 +161,6 @@ class JsonlSink:
         self._file.close()
 
 
-class ConsoleSink:
-    """Prints one compact line per ``log`` call (the ``debug/`` metrics left out), through
-    ``tqdm.write`` so that it does not break a progress bar."""
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        shown = [f"{k} {float(v):.4g}" for k, v in metrics.items() if not k.startswith("debug/")]
-        tqdm.write(f"step {int(step)} | " + " | ".join(shown))
-
-    def log_images(self, images: dict[str, np.ndarray], step: int) -> None:
-        for name, image in images.items():
-            pixels = check_image(name, np.asarray(image))
-            tqdm.write(f"step {int(step)} | image {name} {pixels.shape[1]}x{pixels.shape[0]}")
-
-    def log_histograms(self, values: dict[str, np.ndarray], step: int) -> None:
-        pass
-
-    def log_table(
-        self, name: str, columns: list[str], rows: list[list[float | int | str]], step: int
-    ) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 class NullSink:
     """Discards everything: the sink of processes other than 0, and of runs that log nothing."""
 
@@ -205,6 +180,21 @@ class NullSink:
 
     def close(self) -> None:
         pass
+
+
+class ConsoleSink(NullSink):
+    """Prints one compact line per ``log`` call (the ``debug/`` metrics left out), through
+    ``tqdm.write`` so that it does not break a progress bar; histograms and tables are left to
+    the other sinks."""
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        shown = [f"{k} {float(v):.4g}" for k, v in metrics.items() if not k.startswith("debug/")]
+        tqdm.write(f"step {int(step)} | " + " | ".join(shown))
+
+    def log_images(self, images: dict[str, np.ndarray], step: int) -> None:
+        for name, image in images.items():
+            pixels = check_image(name, np.asarray(image))
+            tqdm.write(f"step {int(step)} | image {name} {pixels.shape[1]}x{pixels.shape[0]}")
 
 
 class MultiSink:
