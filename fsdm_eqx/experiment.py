@@ -378,6 +378,7 @@ def run_experiment(config: ExperimentConfig) -> dict[str, Any]:
             examples=(support, real, train_sets),
             generate=lambda ema: np.asarray(generate_sets(ema, jnp.asarray(support), image_keys)),
             eval_data=(eval_images, eval_labels, eval_classes),
+            class_names=data.class_names,
             sample_config=sample_config,
             sink=sink,
         )
@@ -399,6 +400,7 @@ def _evaluate(
     examples: tuple[np.ndarray, np.ndarray, np.ndarray],
     generate: Callable[[FSDM], np.ndarray],
     eval_data: tuple[np.ndarray, np.ndarray, Sequence[int]],
+    class_names: Sequence[str],
     sample_config: DiffusionConfig,
     sink: Sink,
 ) -> dict[str, Any]:
@@ -432,6 +434,17 @@ def _evaluate(
             results[name] = float(getattr(fid, name))
         results["fid_detail"] = fid.to_dict()
         results["fid_seconds"] = time.perf_counter() - t1
+        sink.log(
+            {
+                "fid": fid.fid,
+                "kid": fid.kid_mean,
+                "kid_std": fid.kid_std,
+                "precision": fid.precision,
+                "recall": fid.recall,
+                **{f"fid/{class_names[c]}": v for c, v in fid.fid_per_class.items()},
+            },
+            step,
+        )
         sink.log_images(
             {
                 f"fid_eval/example_{i}": fid_eval_figure(s, g, r)
@@ -458,6 +471,9 @@ def _evaluate(
         )
         results["probe_accuracy"] = probe.accuracy
         results["probe_top5_accuracy"] = probe.top5_accuracy
+        sink.log(
+            {"probe_accuracy": probe.accuracy, "probe_top5_accuracy": probe.top5_accuracy}, step
+        )
     final = {name: results[name] for name, _ in SUMMARY_METRICS if name in results}
     sink.log({f"final/{k}": float(v) for k, v in final.items() if k != "step"}, step)
     return results

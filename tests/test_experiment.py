@@ -103,6 +103,15 @@ def test_smoke_logs_images_visuals_and_wandb_offline(
     assert final and final[0]["final/fid"] == pytest.approx(
         json.loads((run_dir / "metrics.json").read_text())["fid"]
     )
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    (scores,) = [r for r in records if "fid" in r]
+    assert scores["fid"] == pytest.approx(metrics["fid"])
+    assert scores["kid"] == pytest.approx(metrics["kid_mean"])
+    names = json.loads((run_dir / "config.json").read_text())["class_split"]["test"]
+    per_class = {k.removeprefix("fid/") for k in scores if k.startswith("fid/")}
+    assert per_class and per_class <= set(names)
+    (probe,) = [r for r in records if "probe_accuracy" in r]
+    assert probe["probe_accuracy"] == pytest.approx(metrics["probe_accuracy"])
 
 
 def test_summary_table_leaves_out_debug_metrics(smoke_run: tuple[list[str], Path, str]) -> None:
