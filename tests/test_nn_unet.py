@@ -22,6 +22,7 @@ from scipy.special import erf, softmax
 
 from fsdm_eqx.nn.denoiser import AbstractDenoiser
 from fsdm_eqx.nn.unet import (
+    Conv2d,
     UNet,
     _MultiHeadAttention,
     _ResBlock,
@@ -529,3 +530,12 @@ def test_modulation_matches_numpy_from_the_film_weights(pair, batch):
     for name, value in expected.items():
         assert value > 1e-3
         assert got[name] == pytest.approx(value, rel=1e-4), name
+
+
+@pytest.mark.parametrize(("kernel", "stride", "padding"), [(3, 1, 1), (3, 2, 1), (1, 1, 0)])
+def test_channels_last_conv_equals_equinox_conv(kernel: int, stride: int, padding: int) -> None:
+    conv = Conv2d(4, 6, kernel, stride=stride, padding=padding, key=jax.random.key(0))
+    reference = eqx.nn.Conv2d(4, 6, kernel, stride=stride, padding=padding, key=jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (4, 8, 8))
+    np.testing.assert_array_equal(conv.weight, reference.weight)
+    np.testing.assert_allclose(conv(x), reference(x), rtol=1e-5, atol=1e-5)
