@@ -189,7 +189,6 @@ def train(
     try:
         while step < config.num_steps:
             host_batch = batch_fn(step)
-            images = _images_per_step(host_batch)
             state, metrics = step_fn(state, place(host_batch))
             check(pending)
             pending = _Pending(step, metrics)
@@ -198,7 +197,9 @@ def train(
                 bar.update(1)
             if step % config.log_every == 0 or step == config.num_steps:
                 check(pending)
-                host = {k: float(v) for k, v in metrics.items()}
+                # One transfer for all the metrics, rather than a sync per value.
+                host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                images = _images_per_step(host_batch)
                 now = time.perf_counter()
                 steps_per_second = (step - last_log_step) / max(now - last_log_time, 1e-9)
                 last_log_time, last_log_step = now, step
@@ -216,7 +217,7 @@ def train(
                 sink.log(host, step)
                 if bar is not None:
                     bar.set_postfix(
-                        loss=f"{host['loss']:.4g}", img_s=f"{steps_per_second * images:.3g}"
+                        loss=f"{host['loss']:.4g}", img_s=f"{host['system/images_per_second']:.3g}"
                     )
             if images_fn is not None and config.sample_every and step % config.sample_every == 0:
                 check(pending)
