@@ -200,11 +200,10 @@ def results_path() -> Path:
     return HERE / "results" / f"{machine_name()}.json"
 
 
-def roofline_figures(
-    flops: float, seconds: float, roofline: float, dtype: str
-) -> dict[str, float | None]:
-    """Achieved FLOP/s of ``flops`` in ``seconds``, its ratio to ``roofline`` and, on a known GPU,
-    the model FLOP utilisation against the device's peak for ``dtype``."""
+def roofline_figures(flops: float, seconds: float, roofline: float, dtype: str) -> dict[str, Any]:
+    """Achieved FLOP/s of ``flops`` in ``seconds``, its ratio to ``roofline`` (also as the entry's
+    headline ``ratio``/``ratio_to``) and, on a known GPU, the model FLOP utilisation against the
+    device's peak for ``dtype``."""
     achieved = flops / seconds
     peak = peak_flop_per_s(jax.devices()[0].device_kind, dtype)
     return {
@@ -214,6 +213,8 @@ def roofline_figures(
         "ratio_to_matmul": achieved / roofline,
         "peak_flop_per_s": peak,
         "mfu": achieved / peak if peak else None,
+        "ratio": achieved / roofline,
+        "ratio_to": f"{dtype} matmul",
     }
 
 
@@ -265,6 +266,23 @@ def record(
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=1, default=_jsonable) + "\n")
     tmp.replace(path)
+    return entry
+
+
+def publish(
+    benchmark: Any,
+    name: str,
+    label: str,
+    figures: dict[str, Any],
+    *,
+    config: dict[str, Any],
+    note: str,
+) -> dict[str, Any]:
+    """`record` a benchmark's figures, add them (and ``config``) to pytest-benchmark's
+    ``extra_info`` and print their `summary_line` under ``label``; returns the entry."""
+    entry = record(name, figures, config=config, note=note)
+    benchmark.extra_info.update(figures | {"config": config})
+    print(summary_line(label, entry))
     return entry
 
 

@@ -108,14 +108,15 @@ def test_inception_throughput(benchmark: Any, setup: dict[str, Any]) -> None:
         "conv_gflop_per_image": conv_flops / BATCH / 1e9,
         **roofline.roofline_figures(xla_flops, seconds, matmul.flop_per_s, "float32"),
     }
-    figures["ratio"] = figures["ratio_to_matmul"]
-    figures["ratio_to"] = "float32 matmul"
     config = {"batch": BATCH, "image_size": 299, "weights": os.path.basename(setup["weights"])}
-    entry = roofline.record(
-        "fid_features/inception", figures, config=config, note=f"299x299, batch {BATCH}"
+    roofline.publish(
+        benchmark,
+        "fid_features/inception",
+        f"JAX Inception ({jax.default_backend()})",
+        figures,
+        config=config,
+        note=f"299x299, batch {BATCH}",
     )
-    benchmark.extra_info.update(figures | {"config": config})
-    print(roofline.summary_line(f"JAX Inception ({jax.default_backend()})", entry))
     assert figures["value"] > 0 and 0 < figures["ratio_to_matmul"] < 2
 
 

@@ -119,8 +119,6 @@ def test_sampling_throughput(benchmark: Any, setup: dict[str, Any], name: str) -
         "standalone_evaluation_gflop": setup["evaluate_flops"] / 1e9,
         "step_over_standalone": step_seconds / evaluate_seconds,
     }
-    figures["ratio"] = figures["ratio_to_matmul"]
-    figures["ratio_to"] = "float32 matmul"
     run_config = {
         "preset": bench.preset,
         "reduced": bench.reduced,
@@ -132,12 +130,12 @@ def test_sampling_throughput(benchmark: Any, setup: dict[str, Any], name: str) -
         "num_steps": config.num_steps,
         "time_token": bench.config.encoder_time_token,
     }
-    entry = roofline.record(
+    roofline.publish(
+        benchmark,
         f"sampling/unet/{name}",
+        f"sampling {name}",
         figures,
         config=run_config,
         note=f"{bench.note}, {NUM} image{'s' if NUM > 1 else ''} per call",
     )
-    benchmark.extra_info.update(figures | {"config": run_config})
-    print(roofline.summary_line(f"sampling {name}", entry))
     assert figures["value"] > 0 and 0 < figures["ratio_to_matmul"] < 2

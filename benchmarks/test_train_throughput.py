@@ -82,8 +82,6 @@ def test_train_step_throughput(
         "step_seconds_min": benchmark.stats.stats.min,
         **roofline.roofline_figures(flops, seconds, matmul.flop_per_s, precision),
     }
-    figures["ratio"] = figures["ratio_to_matmul"]
-    figures["ratio_to"] = f"{precision} matmul"
     config = {
         "preset": bench.preset,
         "reduced": bench.reduced,
@@ -95,12 +93,12 @@ def test_train_step_throughput(
         "parameters": parameters,
         "model": {k: getattr(model_config, k) for k in SHOWN},
     }
-    entry = roofline.record(
+    roofline.publish(
+        benchmark,
         f"train_step/{denoiser}/{precision}",
+        f"train step {denoiser} {precision}",
         figures,
         config=config,
         note=f"{bench.note}, {BATCH_SETS} sets of {model_config.ns} per step",
     )
-    benchmark.extra_info.update(figures | {"config": config})
-    print(roofline.summary_line(f"train step {denoiser} {precision}", entry))
     assert figures["value"] > 0 and 0 < figures["ratio_to_matmul"] < 2
