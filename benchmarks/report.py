@@ -78,7 +78,7 @@ def _details(metrics: dict[str, Any]) -> str:
 
 
 def latest_entries(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The last entry of each benchmark, in the order the benchmarks first appear."""
+    """The last entry of each benchmark, sorted by the benchmarks' names."""
     latest: dict[str, dict[str, Any]] = {}
     for entry in entries:
         latest[entry["benchmark"]] = entry
