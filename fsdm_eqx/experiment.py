@@ -324,11 +324,12 @@ def run_experiment(config: ExperimentConfig) -> dict[str, Any]:
     )
     generate_sets = _generate_sets_fn(config.eval.samples_per_set, sample_config)
     image_keys = jax.random.split(jax.random.PRNGKey(config.eval.seed), config.grid_sets)
+    eval_loss = _eval_loss_fn(config, data, split, eval_key)
     evaluated: dict[int, dict[str, float]] = {}
 
     def eval_fn(state: Any) -> dict[str, float]:
         ema = eqx.nn.inference_mode(state.ema)
-        evaluated[int(state.step)] = {"eval_loss": _eval_loss(ema, config, data, split, eval_key)}
+        evaluated[int(state.step)] = {"eval_loss": eval_loss(ema)}
         return evaluated[int(state.step)]
 
     def images_fn(state: Any) -> dict[str, np.ndarray]:
@@ -374,7 +375,7 @@ def run_experiment(config: ExperimentConfig) -> dict[str, Any]:
             start=start,
             train_seconds=train_seconds,
             cached_eval=evaluated.get(int(state.step)),
-            eval_loss=lambda ema: _eval_loss(ema, config, data, split, eval_key),
+            eval_loss=eval_loss,
             examples=(support, real, train_sets),
             generate=lambda ema: np.asarray(generate_sets(ema, jnp.asarray(support), image_keys)),
             eval_data=(eval_images, eval_labels, eval_classes),
@@ -531,10 +532,11 @@ def _last_logged(path: Path) -> dict[str, float]:
     return {}
 
 
-def _eval_loss(
-    ema: FSDM, config: ExperimentConfig, data: Any, split: Any, key: PRNGKeyArray
-) -> float:
-    """Mean training loss of the EMA model on sets of validation classes (fixed batches)."""
+def _eval_loss_fn(
+    config: ExperimentConfig, data: Any, split: Any, key: PRNGKeyArray
+) -> Callable[[FSDM], float]:
+    """``ema -> loss``: the mean training loss of the EMA model on sets of validation classes
+    (fixed batches), compiled once for every evaluation of the run."""
     sampler = make_sampler(
         dataclasses.replace(config.data, split="val", flips=False, prefetch=0), data, split
     )
@@ -546,11 +548,14 @@ def _eval_loss(
         losses, _ = jax.vmap(loss_fn, in_axes=(None, 0, 0))(model, sets, keys)
         return jnp.mean(losses)
 
-    total = 0.0
-    for i in range(config.eval_loss_batches):
-        sets, _ = sampler.batch(i)
-        total += float(batch_loss(ema, jnp.asarray(sets), jax.random.fold_in(key, i)))
-    return total / config.eval_loss_batches
+    def eval_loss(ema: FSDM) -> float:
+        total = 0.0
+        for i in range(config.eval_loss_batches):
+            sets, _ = sampler.batch(i)
+            total += float(batch_loss(ema, jnp.asarray(sets), jax.random.fold_in(key, i)))
+        return total / config.eval_loss_batches
+
+    return eval_loss
 
 
 def _parse_preset(argv: Sequence[str]) -> tuple[str | None, list[str]]:
