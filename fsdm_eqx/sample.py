@@ -131,7 +131,8 @@ def load_support_images(
     return np.stack(images) / np.float32(127.5) - np.float32(1.0)
 
 
-def _checkpoint_metadata(path: Path) -> dict[str, Any]:
+def _checkpoint_metadata(path: Path) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint directory ``path`` names (a run directory's newest) and its metadata."""
     if not path.exists():
         raise CheckpointError(
             f"--checkpoint {path} does not exist; pass a run directory or a step_* checkpoint."
@@ -153,7 +154,7 @@ def _checkpoint_metadata(path: Path) -> dict[str, Any]:
             f"{path / METADATA_FILE} lacks the experiment configuration; sample from a "
             "checkpoint written by the experiment (experiments/*_fewshot.py)."
         )
-    return metadata
+    return path, metadata
 
 
 def load_ema_model(checkpoint: str | Path) -> tuple[FSDM, ExperimentConfig, int]:
@@ -169,7 +170,7 @@ def load_ema_model(checkpoint: str | Path) -> tuple[FSDM, ExperimentConfig, int]
     was not written by the experiment.
     """
     path = Path(checkpoint)
-    metadata = _checkpoint_metadata(path)
+    resolved, metadata = _checkpoint_metadata(path)
     try:
         config = experiment_config_from_dict(metadata["experiment"])
     except (TypeError, ValueError) as e:
@@ -183,7 +184,7 @@ def load_ema_model(checkpoint: str | Path) -> tuple[FSDM, ExperimentConfig, int]
         key=train_key,
         total_steps=config.run.num_steps,
     )
-    state, restored = restore_checkpoint(path, like)
+    state, restored = restore_checkpoint(resolved, like)
     return eqx.nn.inference_mode(state.ema), config, int(restored["step"])
 
 
