@@ -8,6 +8,7 @@
   loop (`lax.scan`, `while_loop`) once, whatever its trip count, so a looped computation's FLOPs
   are its one-iteration count times the iterations (`loop_flops`, checked by
   `loop_body_counted_once`).
+- `torch_python`: an interpreter that has torch, for the benchmarks that compare with torch.
 - `record`: appends one benchmark's figures, with a description of the machine, to a JSON file
   (`benchmarks/results/<machine>.json`, or ``$FSDM_EQX_BENCHMARK_RESULTS``) that `report.py`
   turns into ``benchmarks/RESULTS.md``.
@@ -19,11 +20,13 @@ from __future__ import annotations
 
 import datetime
 import functools
+import importlib.util
 import json
 import os
 import platform
 import re
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +38,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 RESULTS_ENV = "FSDM_EQX_BENCHMARK_RESULTS"
+TORCH_PYTHON_ENV = "FSDM_EQX_TORCH_PYTHON"
 ON_GPU = jax.default_backend() == "gpu"
 
 # Dense (no sparsity) peak FLOP/s per device, from the vendors' data sheets. float32 matmuls run
@@ -166,6 +170,15 @@ class MatmulRoofline:
             for _ in range(5):
                 self.sample()
         return self.flops / statistics.median(self.seconds)
+
+
+def torch_python() -> str | None:
+    """An interpreter that has torch: this one, else ``$FSDM_EQX_TORCH_PYTHON`` (by default
+    ``/tmp/torchvenv/bin/python``) where it exists, else None (torch is never a dependency)."""
+    if importlib.util.find_spec("torch") is not None:
+        return sys.executable
+    candidate = os.environ.get(TORCH_PYTHON_ENV, "/tmp/torchvenv/bin/python")
+    return candidate if os.path.exists(candidate) else None
 
 
 def device_description() -> dict[str, Any]:

@@ -16,11 +16,9 @@ same shapes (throughput does not depend on their values).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
-import sys
 from typing import Any
 
 import jax
@@ -255,15 +253,8 @@ for line in sys.stdin:
 _TORCH_SCRIPT = TORCH_NET + _TORCH_BENCH
 
 
-def torch_python() -> str | None:
-    if importlib.util.find_spec("torch") is not None:
-        return sys.executable
-    candidate = os.environ.get("FSDM_EQX_TORCH_PYTHON", "/tmp/torchvenv/bin/python")
-    return candidate if os.path.exists(candidate) else None
-
-
 def test_inception_vs_torch(benchmark: Any, setup: dict[str, Any]) -> None:
-    python = torch_python()
+    python = roofline.torch_python()
     if python is None:
         pytest.skip("torch is absent (set FSDM_EQX_TORCH_PYTHON to an interpreter that has it)")
     tmp = setup["tmp"]

@@ -65,6 +65,7 @@ def time_encoder():
     return SetViTEncoder(
         image_size=8,
         channels=3,
+        set_size=3,
         patch_size=4,
         dim=8,
         depth=2,
@@ -120,7 +121,7 @@ def test_rollout_matches_the_papers_equation(which, model, x_sets, time_encoder)
     reference = _numpy_rollout(np.asarray(weights))
     np.testing.assert_allclose(np.asarray(rollout_matrix(weights)), reference, rtol=1e-5, atol=1e-6)
     rollout = attention_rollout(encoder, x_set, t=t)
-    expected = reference[0, special:].reshape(3, GRID, GRID)
+    expected = reference[0, special:].reshape(encoder.token_groups(3), GRID, GRID)
     np.testing.assert_allclose(rollout, expected, rtol=1e-5, atol=1e-6)
 
 

@@ -118,8 +118,10 @@ def test_leave_one_out_gradient_and_permutation_invariance(kind, model):
             for j in range(NS):
                 if j != i:
                     assert np.abs(grad[i, j]).max() > 0.0, f"c_{i} ignores x_{j}"
-    # contexts follow their image under a permutation of the set
-    np.testing.assert_allclose(np.asarray(c_perm), np.asarray(c)[np.asarray(perm)], atol=1e-5)
+    # contexts follow their image under a permutation of the set (for the order-invariant ViT;
+    # the sViT stacks the other images in order, so its contexts change)
+    follows = np.allclose(np.asarray(c_perm), np.asarray(c)[np.asarray(perm)], atol=1e-5)
+    assert follows == (config.encoder == "vit")
     # c_0 is the encoding of the other images (posterior mean when variational)
     if model.posterior is not None:
         direct = model.posterior(direct)[0]

@@ -1,5 +1,7 @@
 """Set encoders: shapes, pooling, permutation invariance, timestep token, Shifted Patch Tokens."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import jaxtyping
@@ -13,7 +15,7 @@ SIZE, CH, PATCH, HDIM = 8, 3, 4, 16
 
 
 def _encoder(kind, pooling, *, time_token=False, dropout=0.0, seed=0):
-    cls = ViTSetEncoder if kind == "vit" else SetViTEncoder
+    cls = ViTSetEncoder if kind == "vit" else functools.partial(SetViTEncoder, set_size=3)
     return cls(
         image_size=SIZE,
         channels=CH,
@@ -39,16 +41,59 @@ def x_set():
 
 @pytest.mark.parametrize("kind", ["vit", "svit"])
 def test_pooling_shapes_and_permutation_invariance(kind, x_set):
+    """The ViT is invariant to the order of the set; the sViT, which stacks it, is not."""
     perm = np.array([2, 0, 1])
     for pooling in POOLINGS:
         enc = _encoder(kind, pooling)
         out, weights = enc.encode(x_set, inference=True)
         expected = (HDIM,) if pooling != "mean_patch" else ((SIZE // PATCH) ** 2, HDIM)
         assert out.shape == expected and out.dtype == jnp.float32
-        n = 1 + x_set.shape[0] * (SIZE // PATCH) ** 2
+        groups = x_set.shape[0] if kind == "vit" else 1
+        assert enc.token_groups(x_set.shape[0]) == groups
+        n = 1 + groups * (SIZE // PATCH) ** 2
         assert weights.shape == (2, 2, n, n)
-        permuted = enc(x_set[perm], inference=True)
-        np.testing.assert_allclose(np.asarray(permuted), np.asarray(out), rtol=1e-5, atol=1e-5)
+        permuted = np.asarray(enc(x_set[perm], inference=True))
+        if kind == "vit":
+            np.testing.assert_allclose(permuted, np.asarray(out), rtol=1e-5, atol=1e-5)
+        else:
+            assert not np.allclose(permuted, np.asarray(out), rtol=1e-3, atol=1e-3)
+
+
+def test_svit_tokens_stack_the_set_on_channels_as_the_reference():
+    """One token per patch position: LayerNorm + linear of the patch of the channel-stacked set
+    (channel-major, as the reference's SPT) and of its four diagonal shifts, built in numpy."""
+    enc = _encoder("svit", "mean")
+    x = np.random.default_rng(0).uniform(-1, 1, (3, CH, SIZE, SIZE)).astype(np.float32)
+    tokens = np.asarray(enc.patch_tokens(jnp.asarray(x)))
+    grid = SIZE // PATCH
+    assert tokens.shape == (1, grid * grid, 12)
+    stacked = x.transpose(1, 0, 2, 3).reshape(CH * 3, SIZE, SIZE)  # channel c, image i -> c*3+i
+    shift = PATCH // 2
+    padded = np.pad(stacked, ((0, 0), (shift, shift), (shift, shift)))
+    views = [stacked] + [
+        padded[:, shift + dy : shift + dy + SIZE, shift + dx : shift + dx + SIZE]
+        for dy, dx in ((-shift, -shift), (-shift, shift), (shift, -shift), (shift, shift))
+    ]
+    full = np.concatenate(views)
+    weight, bias = np.asarray(enc.patch_embed.weight), np.asarray(enc.patch_embed.bias)
+    gamma, beta = np.asarray(enc.patch_norm.weight), np.asarray(enc.patch_norm.bias)
+    for r in range(grid):
+        for c in range(grid):
+            patch = full[:, r * PATCH : (r + 1) * PATCH, c * PATCH : (c + 1) * PATCH]
+            v = patch.transpose(1, 2, 0).reshape(-1)  # (p, p, channels), as the reference
+            v = (v - v.mean()) / np.sqrt(v.var() + 1e-5) * gamma + beta
+            np.testing.assert_allclose(tokens[0, r * grid + c], weight @ v + bias, atol=1e-4)
+
+
+def test_svit_reads_sets_of_its_size_only(x_set):
+    enc = _encoder("svit", "mean")
+    with pytest.raises(ValueError, match="set_size=3"):
+        enc(x_set[:2], inference=True)
+    with pytest.raises(ValueError, match="set_size"):
+        SetViTEncoder(
+            image_size=SIZE, channels=CH, set_size=0, patch_size=PATCH, dim=8, depth=1,
+            num_heads=1, head_dim=8, mlp_dim=8, hdim=8, key=jax.random.key(0),
+        )  # fmt: skip
 
 
 def test_trace_is_the_forward_of_encode(x_set):
@@ -58,7 +103,7 @@ def test_trace_is_the_forward_of_encode(x_set):
     context, weights = enc.encode(x_set, t, inference=True)
     np.testing.assert_array_equal(np.asarray(out.context), np.asarray(context))
     np.testing.assert_array_equal(np.asarray(out.attention), np.asarray(weights))
-    n = 2 + x_set.shape[0] * (SIZE // PATCH) ** 2
+    n = 2 + (SIZE // PATCH) ** 2
     assert out.attn_out.shape == out.mlp_out.shape == (2, n, 12)
     assert enc.trunk.num_special == 2 and _encoder("vit", "cls").trunk.num_special == 1
 

@@ -102,7 +102,7 @@ def _encoder_views(
     """Class-token attention of every layer and head, rollout and branch moments of a batch of
     sets, in one traced pass; only these small arrays leave the device."""
     k = encoder.trunk.num_special
-    m, side = x_sets.shape[1], _grid_side(encoder)
+    m, side = encoder.token_groups(x_sets.shape[1]), _grid_side(encoder)
 
     def one(x_set: Float[Array, "m c h w"]) -> dict[str, Array]:
         trace = encoder.trace(x_set, t, inference=True)
@@ -130,7 +130,7 @@ def attention_maps(
     layers: Sequence[int],
     heads: Sequence[int],
     t: float | None = None,
-) -> Float[np.ndarray, "layers heads m gh gw"]:
+) -> Float[np.ndarray, "layers heads g gh gw"]:
     """Attention from the class token to the patches of each image, on the patch grid.
 
     With `cls` pooling the class token is the context; with the other poolings it is still the
@@ -142,7 +142,8 @@ def attention_maps(
     - `layers`, `heads`: the blocks and heads to show (indices from 0).
     - `t`: the timestep, for an encoder with a timestep token.
 
-    **Returns:** the weights `(len(layers), len(heads), m, h / patch, w / patch)`.
+    **Returns:** the weights `(len(layers), len(heads), g, h / patch, w / patch)`, with `g` the
+    encoder's token groups (`m` for the ViT, one for the stacked sViT).
     """
     _check_set(encoder, x_set)
     chosen_layers = _check_indices(layers, _depth(encoder), "layers")
@@ -153,7 +154,7 @@ def attention_maps(
 
 def attention_rollout(
     encoder: AbstractSetEncoder, x_set: Float[Array, "m c h w"], *, t: float | None = None
-) -> Float[np.ndarray, "m gh gw"]:
+) -> Float[np.ndarray, "g gh gw"]:
     """The class token's attention rollout over all layers, on each image's patch grid.
 
     **Arguments:**
@@ -162,7 +163,7 @@ def attention_rollout(
     - `t`: the timestep, for an encoder with a timestep token.
 
     **Returns:** the class token's row of `rollout_matrix` restricted to the patches,
-    `(m, h / patch, w / patch)`.
+    `(g, h / patch, w / patch)`, `g` as in `attention_maps`.
     """
     _check_set(encoder, x_set)
     views = _encoder_views(encoder, x_set[None], _timestep(t))

@@ -1,4 +1,5 @@
-"""Equinox modules: attention, set encoders, posterior, denoisers and the FSDM model."""
+"""Equinox modules: attention, convolution, set encoders, posterior, denoisers and the FSDM
+model."""
 
 from .attention import (
     MLP as MLP,
@@ -7,6 +8,7 @@ from .attention import (
     TransformerBlock as TransformerBlock,
     timestep_embedding as timestep_embedding,
 )
+from .conv import Conv2d as Conv2d, conv2d as conv2d
 from .denoiser import AbstractDenoiser as AbstractDenoiser
 from .dit import (
     DIT_SIZES as DIT_SIZES,

@@ -68,7 +68,15 @@ def zero_linear(linear: eqx.nn.Linear) -> eqx.nn.Linear:
 def apply_tokens(
     layer: Callable[[Float[Array, " a"]], Float[Array, " b"]], x: Float[Array, "n a"]
 ) -> Float[Array, "n b"]:
-    """Apply a per-vector layer (Linear, LayerNorm) to every token."""
+    """Apply a per-vector layer (Linear, LayerNorm) to every token.
+
+    A linear layer becomes one tokens-major matmul ``x @ W.T``: `jax.vmap` of `eqx.nn.Linear`
+    computes ``W @ x.T``, whose features-major output XLA:CPU then transposes, at about 0.7x the
+    speed end to end (forward and backward of a transformer MLP).
+    """
+    if isinstance(layer, eqx.nn.Linear):
+        y = jnp.dot(x, layer.weight.T)
+        return y if layer.bias is None else y + layer.bias[None]
     return jax.vmap(layer)(x)
 
 
@@ -179,7 +187,9 @@ class MultiheadAttention(eqx.Module):
             scale = jnp.asarray(self.head_dim**-0.5, dtype=x.dtype)
         else:
             scale = jnp.exp(self.log_temperature)
-        logits = jnp.einsum("nhd,mhd->hnm", q, k) * scale
+        # Heads-major operands: batched matmuls in the layout XLA:CPU runs fastest.
+        q, k, v = (jnp.swapaxes(z, 0, 1) for z in (q, k, v))
+        logits = jnp.einsum("hnd,hmd->hnm", q, k) * scale
         if self.log_temperature is not None:
             if context is not None:
                 raise ValueError("Locality Self-Attention is self-attention: pass no context.")
@@ -187,7 +197,7 @@ class MultiheadAttention(eqx.Module):
             logits = jnp.where(diagonal, jnp.finfo(logits.dtype).min, logits)
         # The softmax runs in float32 whatever the compute dtype, then returns to it.
         weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-        out = jnp.einsum("hnm,mhd->nhd", weights, v).reshape(x.shape[0], -1)
+        out = jnp.swapaxes(jnp.einsum("hnm,hmd->hnd", weights, v), 0, 1).reshape(x.shape[0], -1)
         out = self.dropout(apply_tokens(self.to_out, out), key=key, inference=inference)
         return out, weights
 

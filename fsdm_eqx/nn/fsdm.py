@@ -17,6 +17,7 @@ time the posterior mean is the context.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import NamedTuple
 
@@ -57,8 +58,11 @@ def leave_one_out_indices(ns: int) -> np.ndarray:
 
 def build_encoder(config: ModelConfig, *, key: PRNGKeyArray) -> AbstractSetEncoder:
     """The set encoder `config` describes."""
-    cls = ViTSetEncoder if config.encoder == "vit" else SetViTEncoder
-    return cls(
+    if config.encoder == "vit":
+        encoder = ViTSetEncoder
+    else:
+        encoder = functools.partial(SetViTEncoder, set_size=config.ns - 1)
+    return encoder(
         image_size=config.image_size,
         channels=config.channels,
         patch_size=config.encoder_patch_size,

@@ -28,54 +28,13 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ..config import check_choice, check_range
-from .attention import timestep_embedding
+from .attention import apply_tokens, timestep_embedding
+from .conv import Conv2d
 from .denoiser import AbstractDenoiser, maybe_checkpoint, rms
 
 Conditioning = Literal["film", "lag"]
 
 _GROUPS = 32
-
-
-class Conv2d(eqx.nn.Conv2d):
-    """`eqx.nn.Conv2d` (same parameters, same OIHW weight layout) computed channels-last.
-
-    XLA:CPU runs NCHW convolutions inside a loop body, such as a sampler's scan over its steps,
-    through a path about 30x slower than the same convolution outside the loop; in NHWC they
-    run at full speed everywhere. On GPUs XLA chooses its own layouts, so nothing changes there.
-    """
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int,
-        *,
-        stride: int = 1,
-        padding: int = 0,
-        key: PRNGKeyArray,
-    ):
-        super().__init__(
-            in_channels, out_channels, kernel_size, stride=stride, padding=padding, key=key
-        )
-
-    def __call__(
-        self, x: Float[Array, "c h w"], *, key: PRNGKeyArray | None = None
-    ) -> Float[Array, "c2 h2 w2"]:
-        del key
-        padding = self.padding
-        if self.padding_mode != "ZEROS":
-            x, padding = self._nonzero_pad(x), "VALID"
-        y = jax.lax.conv_general_dilated(
-            jnp.moveaxis(x, 0, -1)[None],
-            jnp.transpose(self.weight, (2, 3, 1, 0)),
-            window_strides=self.stride,
-            padding=padding,
-            rhs_dilation=self.dilation,
-            feature_group_count=self.groups,
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        )
-        y = jnp.moveaxis(y[0], -1, 0)
-        return y + self.bias if self.bias is not None else y
 
 
 _Layer = TypeVar("_Layer", eqx.nn.Linear, Conv2d)
@@ -95,17 +54,29 @@ def _check_int(name: str, value: object) -> None:
         raise ValueError(f"{name}={value!r} is not allowed; it must be an int >= 1.")
 
 
-def _tokens(x: Float[Array, "c h w"]) -> Float[Array, "hw c"]:
-    return x.reshape(x.shape[0], -1).T
+def _tokens(x: Float[Array, "h w c"]) -> Float[Array, "hw c"]:
+    return x.reshape(-1, x.shape[-1])
+
+
+def _norm(norm: eqx.nn.GroupNorm, x: Float[Array, "h w c"]) -> Float[Array, "h w c"]:
+    """`eqx.nn.GroupNorm` (its parameters, groups and eps) applied to a channels-last image."""
+    h, w, c = x.shape
+    groups = x.reshape(h * w, norm.groups, c // norm.groups)
+    mean = jnp.mean(groups, axis=(0, 2), keepdims=True)
+    var = jnp.mean(jnp.square(groups - mean), axis=(0, 2), keepdims=True)
+    out = ((groups - mean) * jax.lax.rsqrt(var + norm.eps)).reshape(x.shape)
+    assert norm.weight is not None and norm.bias is not None
+    return out * norm.weight.astype(x.dtype)[None, None] + norm.bias.astype(x.dtype)[None, None]
 
 
 def _attention(
     q: Float[Array, "t nh dh"], k: Float[Array, "s nh dh"], v: Float[Array, "s nh dh"]
 ) -> Float[Array, "t nh dh"]:
     """Scaled dot-product attention per head, softmax in float32."""
-    logits = jnp.einsum("thd,shd->hts", q, k) / math.sqrt(q.shape[-1])
+    q, k, v = (jnp.swapaxes(z, 0, 1) for z in (q, k, v))  # heads-major batched matmuls
+    logits = jnp.einsum("htd,hsd->hts", q, k) / math.sqrt(q.shape[-1])
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-    return jnp.einsum("hts,shd->thd", weights, v)
+    return jnp.swapaxes(jnp.einsum("hts,hsd->htd", weights, v), 0, 1)
 
 
 class _ResBlock(eqx.Module):
@@ -140,18 +111,18 @@ class _ResBlock(eqx.Module):
 
     def __call__(
         self,
-        x: Float[Array, "c h w"],
+        x: Float[Array, "h w c"],
         cond: Float[Array, " e"],
         *,
         key: PRNGKeyArray | None,
         inference: bool,
-    ) -> Float[Array, "c_out h w"]:
-        h = self.in_conv(jax.nn.silu(self.in_norm(x)))
+    ) -> Float[Array, "h w c_out"]:
+        h = self.in_conv.channels_last(jax.nn.silu(_norm(self.in_norm, x)))
         scale, shift = self.film_vectors(cond)
-        h = self.out_norm(h) * (1 + scale[:, None, None]) + shift[:, None, None]
+        h = _norm(self.out_norm, h) * (1 + scale[None, None]) + shift[None, None]
         h = self.dropout(jax.nn.silu(h), key=key, inference=inference)
-        h = self.out_conv(h)
-        skip = x if self.skip is None else self.skip(x)
+        h = self.out_conv.channels_last(h)
+        skip = x if self.skip is None else self.skip.channels_last(x)
         return skip + h
 
 
@@ -174,13 +145,13 @@ class _SelfAttention(eqx.Module):
         self.proj = _zero(eqx.nn.Linear(ch, ch, key=k2))
         self.num_heads = num_heads
 
-    def __call__(self, x: Float[Array, "c h w"]) -> Float[Array, "c h w"]:
-        tokens = _tokens(self.norm(x))
-        qkv = jax.vmap(self.qkv)(tokens).reshape(tokens.shape[0], self.num_heads, -1)
+    def __call__(self, x: Float[Array, "h w c"]) -> Float[Array, "h w c"]:
+        tokens = _tokens(_norm(self.norm, x))
+        qkv = apply_tokens(self.qkv, tokens).reshape(tokens.shape[0], self.num_heads, -1)
         q, k, v = jnp.split(qkv, 3, axis=-1)
         out = _attention(q, k, v).reshape(tokens.shape)
-        out = jax.vmap(self.proj)(out)
-        return x + out.T.reshape(x.shape)
+        out = apply_tokens(self.proj, out)
+        return x + out.reshape(x.shape)
 
 
 class _MultiHeadAttention(eqx.Module):
@@ -202,10 +173,10 @@ class _MultiHeadAttention(eqx.Module):
 
     def __call__(self, x: Float[Array, "t d"], kv: Float[Array, "s e"]) -> Float[Array, "t d"]:
         def heads(layer: eqx.nn.Linear, z: Float[Array, "n f"]) -> Float[Array, "n nh dh"]:
-            return jax.vmap(layer)(z).reshape(z.shape[0], self.num_heads, -1)
+            return apply_tokens(layer, z).reshape(z.shape[0], self.num_heads, -1)
 
         out = _attention(heads(self.to_q, x), heads(self.to_k, kv), heads(self.to_v, kv))
-        return jax.vmap(self.to_out)(out.reshape(x.shape))
+        return apply_tokens(self.to_out, out.reshape(x.shape))
 
 
 class _SpatialTransformer(eqx.Module):
@@ -240,16 +211,16 @@ class _SpatialTransformer(eqx.Module):
         self.proj_out = _zero(eqx.nn.Linear(ch, ch, key=k6))
 
     def __call__(
-        self, x: Float[Array, "c h w"], context: Float[Array, "n d"]
-    ) -> Float[Array, "c h w"]:
-        h = jax.vmap(self.proj_in)(_tokens(self.norm(x)))
-        z = jax.vmap(self.norm1)(h)
+        self, x: Float[Array, "h w c"], context: Float[Array, "n d"]
+    ) -> Float[Array, "h w c"]:
+        h = apply_tokens(self.proj_in, _tokens(_norm(self.norm, x)))
+        z = apply_tokens(self.norm1, h)
         h = h + self.self_attn(z, z)
-        h = h + self.cross_attn(jax.vmap(self.norm2)(h), context)
-        value, gate = jnp.split(jax.vmap(self.ff_in)(jax.vmap(self.norm3)(h)), 2, axis=-1)
-        h = h + jax.vmap(self.ff_out)(value * jax.nn.gelu(gate, approximate=False))
-        out = jax.vmap(self.proj_out)(h)
-        return x + out.T.reshape(x.shape)
+        h = h + self.cross_attn(apply_tokens(self.norm2, h), context)
+        value, gate = jnp.split(apply_tokens(self.ff_in, apply_tokens(self.norm3, h)), 2, axis=-1)
+        h = h + apply_tokens(self.ff_out, value * jax.nn.gelu(gate, approximate=False))
+        out = apply_tokens(self.proj_out, h)
+        return x + out.reshape(x.shape)
 
 
 _Attention = _SelfAttention | _SpatialTransformer
@@ -257,18 +228,18 @@ _Attention = _SelfAttention | _SpatialTransformer
 
 def _attend(
     attn: _Attention | None,
-    h: Float[Array, "c h w"],
+    h: Float[Array, "h w c"],
     context: Float[Array, "*n d"],
     remat: bool = False,
-) -> Float[Array, "c h w"]:
+) -> Float[Array, "h w c"]:
     if attn is None:
         return h
     return maybe_checkpoint(_run_attention, remat)(attn, h, context)
 
 
 def _run_attention(
-    attn: _Attention, h: Float[Array, "c h w"], context: Float[Array, "*n d"]
-) -> Float[Array, "c h w"]:
+    attn: _Attention, h: Float[Array, "h w c"], context: Float[Array, "*n d"]
+) -> Float[Array, "h w c"]:
     if isinstance(attn, _SelfAttention):
         return attn(h)
     return attn(h, context)
@@ -276,20 +247,20 @@ def _run_attention(
 
 def _run_res(
     block: _ResBlock,
-    x: Float[Array, "c h w"],
+    x: Float[Array, "h w c"],
     cond: Float[Array, " e"],
     key: PRNGKeyArray | None,
     inference: bool,
     remat: bool,
-) -> Float[Array, "c_out h w"]:
+) -> Float[Array, "h w c_out"]:
     """The residual block, under `eqx.filter_checkpoint` when ``remat``."""
 
     def run(
         block: _ResBlock,
-        x: Float[Array, "c h w"],
+        x: Float[Array, "h w c"],
         cond: Float[Array, " e"],
         key: PRNGKeyArray | None,
-    ) -> Float[Array, "c_out h w"]:
+    ) -> Float[Array, "h w c_out"]:
         return block(x, cond, key=key, inference=inference)
 
     return maybe_checkpoint(run, remat)(block, x, cond, key)
@@ -303,8 +274,8 @@ class _Downsample(eqx.Module):
     def __init__(self, ch: int, *, key: PRNGKeyArray):
         self.conv = Conv2d(ch, ch, 3, stride=2, padding=1, key=key)
 
-    def __call__(self, x: Float[Array, "c h w"]) -> Float[Array, "c h2 w2"]:
-        return self.conv(x)
+    def __call__(self, x: Float[Array, "h w c"]) -> Float[Array, "h2 w2 c"]:
+        return self.conv.channels_last(x)
 
 
 class _Upsample(eqx.Module):
@@ -315,8 +286,8 @@ class _Upsample(eqx.Module):
     def __init__(self, ch: int, *, key: PRNGKeyArray):
         self.conv = Conv2d(ch, ch, 3, padding=1, key=key)
 
-    def __call__(self, x: Float[Array, "c h w"]) -> Float[Array, "c h2 w2"]:
-        return self.conv(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))
+    def __call__(self, x: Float[Array, "h w c"]) -> Float[Array, "h2 w2 c"]:
+        return self.conv.channels_last(jnp.repeat(jnp.repeat(x, 2, axis=0), 2, axis=1))
 
 
 class _Stage(eqx.Module):
@@ -328,14 +299,14 @@ class _Stage(eqx.Module):
 
     def __call__(
         self,
-        x: Float[Array, "c h w"],
+        x: Float[Array, "h w c"],
         cond: Float[Array, " e"],
         context: Float[Array, "*n d"],
         *,
         key: PRNGKeyArray | None,
         inference: bool,
         remat: bool,
-    ) -> Float[Array, "c2 h2 w2"]:
+    ) -> Float[Array, "h2 w2 c2"]:
         h = _run_res(self.res, x, cond, key, inference, remat)
         h = _attend(self.attn, h, context, remat)
         return h if self.upsample is None else self.upsample(h)
@@ -567,9 +538,9 @@ class UNet(AbstractDenoiser):
         context = context.astype(self.compute_dtype)
 
         lo, hi = self.pad // 2, self.pad - self.pad // 2
-        x = x_t.astype(self.compute_dtype)
-        x = jnp.pad(x, ((0, 0), (lo, hi), (lo, hi))) if self.pad else x
-        h = self.conv_in(x)
+        x = jnp.moveaxis(x_t.astype(self.compute_dtype), 0, -1)
+        x = jnp.pad(x, ((lo, hi), (lo, hi), (0, 0))) if self.pad else x
+        h = self.conv_in.channels_last(x)
         skips = [h]
         for block in self.down:
             if isinstance(block, _Stage):
@@ -581,12 +552,12 @@ class UNet(AbstractDenoiser):
         h = _attend(self.mid_attn, h, context, remat)
         h = _run_res(self.mid_res2, h, cond, keys.pop(), inference, remat)
         for block in self.up:
-            h = jnp.concatenate([h, skips.pop()])
+            h = jnp.concatenate([h, skips.pop()], axis=-1)
             h = block(h, cond, context, key=keys.pop(), inference=inference, remat=remat)
-        out = self.out_conv(jax.nn.silu(self.out_norm(h)))
+        out = self.out_conv.channels_last(jax.nn.silu(_norm(self.out_norm, h)))
         if self.pad:
-            out = out[:, lo : lo + self.image_size, lo : lo + self.image_size]
-        return out
+            out = out[lo : lo + self.image_size, lo : lo + self.image_size]
+        return jnp.moveaxis(out, -1, 0)
 
     def _check_inputs(
         self,

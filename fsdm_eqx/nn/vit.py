@@ -1,23 +1,24 @@
 """Set encoders: a ViT and a small-data ViT (sViT) that read a whole set of images at once.
 
-As in the reference code of Few-Shot Diffusion Models, the patches of every image of the set form
-one token sequence, behind a class token (and, optionally, a diffusion-timestep token); every
-image's patches get the same position embeddings, so nothing marks which image a token came from
-and the encoders are invariant to the order of the set. The pooled output is the context:
+As in the reference code of Few-Shot Diffusion Models, the set becomes one token sequence behind a
+class token (and, optionally, a diffusion-timestep token). The ViT embeds every image's patches
+and gives each image the same position embeddings, so nothing marks which image a token came
+from: it reads sets of any size and is invariant to their order. The sViT stacks the set on the
+channel axis, one token per patch position. The pooled output is the context:
 
 - `cls`, `mean`, `sum`: one vector of size `hdim` (FiLM conditioning). `mean` and `sum` pool all
   tokens, class and timestep tokens included, as the reference does.
-- `mean_patch`: one token per patch position, the mean over the images of the set (LAG).
+- `mean_patch`: one token per patch position, the mean over the token groups (LAG).
 
 Differences from the reference code:
 - The reference's `mean_patch` reshapes the image-major token sequence as if it were
   position-major (so it averages tokens of different positions) and runs the transformer again on
   the result; here each position is averaged over the images of the set, then the output head
   is applied.
-- The reference sViT stacks the images of the set along channels, which ties it to one set size
-  and one order, and leaves the patch shifting commented out. `SetViTEncoder` applies Shifted
-  Patch Tokenization to each image (the image and four diagonal half-patch shifts, Lee et al.
-  2021), then forms the same set sequence as `ViTSetEncoder`, with Locality Self-Attention.
+- The sViT (`SetViTEncoder`) stacks the images of the set along channels as the reference does
+  (one token per patch position, so it reads sets of one size, in order), and applies the
+  Shifted Patch Tokenization that the reference leaves commented out (the stack and its four
+  diagonal half-patch shifts, Lee et al. 2021), with Locality Self-Attention.
 - The timestep token is a linear map of the sinusoidal embedding of ``t``; the reference first
   passes it through the UNet's own time MLP. The reference feeds it in training but puts a zero
   token in its place at sampling; here the token is a switch (`time_token`), and an encoder with
@@ -200,8 +201,14 @@ class AbstractSetEncoder(eqx.Module):
     patch_size: eqx.AbstractVar[int]
 
     @abc.abstractmethod
-    def patch_tokens(self, x_set: Float[Array, "m c h w"]) -> Float[Array, "m p dim"]:
-        """Embed every image of the set into its patch tokens."""
+    def patch_tokens(self, x_set: Float[Array, "m c h w"]) -> Float[Array, "g p dim"]:
+        """Embed the set into ``g`` groups of patch tokens, one token per patch position in
+        each group (``g = token_groups(m)``)."""
+
+    @abc.abstractmethod
+    def token_groups(self, num_images: int) -> int:
+        """How many groups of patch tokens a set of ``num_images`` images becomes: the token
+        sequence is the special tokens, then ``token_groups`` patch grids one after another."""
 
     def trace(
         self,
@@ -322,6 +329,10 @@ class ViTSetEncoder(AbstractSetEncoder):
         )
         self.patch_size = patch_size
 
+    def token_groups(self, num_images: int) -> int:
+        """One group of patch tokens per image."""
+        return num_images
+
     def patch_tokens(self, x_set: Float[Array, "m c h w"]) -> Float[Array, "m p dim"]:
         """Linear embedding of each image's patches."""
 
@@ -332,18 +343,30 @@ class ViTSetEncoder(AbstractSetEncoder):
 
 
 class SetViTEncoder(AbstractSetEncoder):
-    """sViT: Shifted Patch Tokenization per image and Locality Self-Attention over the set."""
+    """The paper's sViT: the set stacked on the channel axis, Shifted Patch Tokenization and
+    Locality Self-Attention.
+
+    The ``set_size`` images are stacked along channels (channel-major: image ``i`` of channel
+    ``c`` is input channel ``c * set_size + i``, as the reference's ``SPT``), the stack is
+    concatenated with its four diagonal half-patch shifts (Lee et al. 2021), and each patch
+    position becomes one token holding the patch of every image: ``patches`` tokens per set
+    instead of ``set_size * patches``, so attention costs ``set_size ** 2`` times less than the
+    plain set ViT's. The price is that the encoder reads sets of exactly ``set_size`` images and
+    depends on their order.
+    """
 
     patch_norm: eqx.nn.LayerNorm
     patch_embed: eqx.nn.Linear
     trunk: SetTransformer
     patch_size: int = eqx.field(static=True)
+    set_size: int = eqx.field(static=True)
 
     def __init__(
         self,
         *,
         image_size: int,
         channels: int,
+        set_size: int,
         patch_size: int,
         dim: int,
         depth: int,
@@ -357,11 +380,14 @@ class SetViTEncoder(AbstractSetEncoder):
         time_dim: int = 256,
         key: PRNGKeyArray,
     ):
-        """**Arguments:** as for `ViTSetEncoder`; patches are shifted by half a patch (at least one
-        pixel)."""
+        """**Arguments:** as for `ViTSetEncoder`, and `set_size`, the number of images of every
+        set it reads (``ns - 1`` for leave-one-out contexts of sets of ``ns``). Patches are
+        shifted by half a patch (at least one pixel)."""
+        if set_size < 1:
+            raise ValueError(f"SetViTEncoder set_size={set_size!r} must be an int >= 1.")
         num_patches = _check_image(image_size, patch_size)
         embed_key, trunk_key = jax.random.split(key)
-        patch_dim = 5 * channels * patch_size**2
+        patch_dim = 5 * set_size * channels * patch_size**2
         self.patch_norm = eqx.nn.LayerNorm(patch_dim)
         self.patch_embed = eqx.nn.Linear(patch_dim, dim, key=embed_key)
         self.trunk = SetTransformer(
@@ -380,16 +406,27 @@ class SetViTEncoder(AbstractSetEncoder):
             key=trunk_key,
         )
         self.patch_size = patch_size
+        self.set_size = set_size
 
-    def patch_tokens(self, x_set: Float[Array, "m c h w"]) -> Float[Array, "m p dim"]:
-        """Shifted Patch Tokenization of each image: shift, patchify, LayerNorm, linear."""
+    def token_groups(self, num_images: int) -> int:
+        """One group of patch tokens for the whole stacked set."""
+        del num_images
+        return 1
+
+    def patch_tokens(self, x_set: Float[Array, "m c h w"]) -> Float[Array, "1 p dim"]:
+        """Stack the set on channels, shift, patchify, LayerNorm, linear: one token per patch
+        position."""
+        m, c, h, w = x_set.shape
+        if m != self.set_size:
+            raise ValueError(
+                f"this sViT encoder stacks sets of exactly set_size={self.set_size} images on the "
+                f"channel axis, got {m}; give {self.set_size} images (ModelConfig.ns - 1), or use "
+                "the plain set ViT (ModelConfig.encoder='vit') for sets of any size."
+            )
+        stacked = jnp.transpose(x_set, (1, 0, 2, 3)).reshape(c * m, h, w)
         shift = max(1, self.patch_size // 2)
-
-        def embed(x: Float[Array, "c h w"]) -> Float[Array, "p dim"]:
-            patches = patchify(shifted_patch_input(x, shift), self.patch_size)
-            return apply_tokens(self.patch_embed, apply_tokens(self.patch_norm, patches))
-
-        return jax.vmap(embed)(x_set)
+        patches = patchify(shifted_patch_input(stacked, shift), self.patch_size)
+        return apply_tokens(self.patch_embed, apply_tokens(self.patch_norm, patches))[None]
 
 
 def encoder_attention_layout(num_images: int, num_patches: int, time_token: bool) -> np.ndarray:
