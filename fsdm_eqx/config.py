@@ -101,6 +101,11 @@ class DiffusionConfig:
     """Absolute tolerance of the adaptive probability-flow ODE solver."""
     clip_denoised: bool = True
     """Clip the predicted x_0 to [-1, 1] at every sampling step."""
+    guidance_scale: float = 1.0
+    """Classifier-free guidance on the context: the sampler's noise prediction is
+    ``eps_null + w (eps_c - eps_null)``; 1 is plain conditional sampling, 0 the null-context model,
+    above 1 a stronger pull towards the support's class (needs `ModelConfig.null_context_prob > 0`
+    in training)."""
 
     def __post_init__(self) -> None:
         check_range(self, "num_steps", low=2)
@@ -111,6 +116,7 @@ class DiffusionConfig:
         check_range(self, "vlb_weight", low=0.0)
         check_range(self, "sampling_steps", low=1, high=self.num_steps)
         check_range(self, "ddim_eta", low=0.0, high=1.0)
+        check_range(self, "guidance_scale", low=0.0)
         check_range(self, "ode_rtol", low=0.0, low_inclusive=False)
         check_range(self, "ode_atol", low=0.0, low_inclusive=False)
         for name in ("num_steps", "sampling_steps"):
@@ -363,6 +369,10 @@ class ModelConfig:
     """UNet attention heads."""
     unet_dropout: float = 0.2
     """Dropout in the UNet's residual blocks."""
+    null_context_prob: float = 0.1
+    """Probability that a training image sees the learned null context instead of its set's:
+    the null-context model it trains is what classifier-free guidance
+    (`DiffusionConfig.guidance_scale`) steers away from. 0 trains no null context."""
     remat: bool = False
     """Recompute activations in the backward pass instead of storing them, per DiT block, UNet
     residual and attention block, and around each encoder call: less memory, more compute."""
@@ -406,6 +416,7 @@ class ModelConfig:
                 )
         check_range(self, "ns", low=2)
         check_range(self, "encoder_dropout", low=0.0, high=1.0, high_inclusive=False)
+        check_range(self, "null_context_prob", low=0.0, high=1.0, high_inclusive=False)
         check_range(self, "unet_dropout", low=0.0, high=1.0, high_inclusive=False)
         check_range(self, "dit_gate_bias")
         if (self.conditioning == "lag") != (self.pooling == "mean_patch"):

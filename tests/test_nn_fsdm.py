@@ -208,7 +208,8 @@ def test_sample_shapes(model):
 
 def test_parameter_counts_per_subtree(model):
     counts = count_parameters(model)
-    assert list(counts) == ["encoder", "posterior", "denoiser"]
+    assert list(counts) == ["encoder", "posterior", "denoiser", "null_context"]
+    assert counts["null_context"] == CONFIG.hdim
     leaves = jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array))
     assert sum(counts.values()) == sum(leaf.size for leaf in leaves)
     h = CONFIG.hdim

@@ -120,7 +120,9 @@ class FSDM(eqx.Module):
     encoder: AbstractSetEncoder
     posterior: GaussianPosterior | None
     denoiser: AbstractDenoiser
+    null_context: Array | None
     image_shape: tuple[int, int, int] = eqx.field(static=True)
+    null_context_prob: float = eqx.field(static=True)
     ns: int = eqx.field(static=True)
     time_token: bool = eqx.field(static=True)
     learned_variance: bool = eqx.field(static=True)
@@ -137,6 +139,13 @@ class FSDM(eqx.Module):
             GaussianPosterior(config.hdim, key=post_key) if config.variational else None
         )
         self.denoiser = build_denoiser(config, key=den_key)
+        if config.null_context_prob > 0:
+            tokens = (config.image_size // config.encoder_patch_size) ** 2
+            shape = (tokens, config.hdim) if config.pooling == "mean_patch" else (config.hdim,)
+            self.null_context = jnp.zeros(shape)
+        else:
+            self.null_context = None
+        self.null_context_prob = config.null_context_prob
         self.image_shape = (config.channels, config.image_size, config.image_size)
         self.ns = config.ns
         self.time_token = config.encoder_time_token
@@ -278,7 +287,7 @@ class FSDM(eqx.Module):
                 f"the model was configured for training sets of ModelConfig.ns={self.ns} images, "
                 f"got {ns}; make DataConfig.ns and ModelConfig.ns agree."
             )
-        t_key, ctx_key, noise_key, drop_key = jax.random.split(key, 4)
+        t_key, ctx_key, noise_key, drop_key, null_key = jax.random.split(key, 5)
         t = jax.random.randint(t_key, (ns,), 0, schedule.num_steps)
         timesteps = schedule.timesteps[t].astype(x_set.dtype)
         t_model = timesteps if self.time_token else None
@@ -291,6 +300,11 @@ class FSDM(eqx.Module):
                     f"of the leave-one-out contexts, {contexts.shape}."
                 )
             contexts = contexts + context_offset.astype(contexts.dtype)
+        if self.null_context is not None and not inference:
+            dropped = jax.random.bernoulli(null_key, self.null_context_prob, (ns,))
+            null = jnp.broadcast_to(self.null_context.astype(contexts.dtype), contexts.shape)
+            mask = dropped.reshape(ns, *([1] * (contexts.ndim - 1)))
+            contexts = jnp.where(mask, null, contexts)
 
         def one(
             x: Float[Array, "c h w"],
@@ -334,6 +348,7 @@ class FSDM(eqx.Module):
         *,
         key: PRNGKeyArray,
         diffusion_config: DiffusionConfig,
+        guidance_scale: float | None = None,
     ) -> Float[Array, "num c h w"]:
         """Generate ``num`` new images of the class of ``support``.
 
@@ -341,10 +356,14 @@ class FSDM(eqx.Module):
         recomputed at every step of the sampler.
 
         **Arguments:**
-        - `support`: the conditioning set, any number of images in [-1, 1], channels first.
+        - `support`: the conditioning set, images in [-1, 1], channels first.
         - `num`: how many images to generate.
         - `key`: the starting noise and the sampler's randomness.
         - `diffusion_config`: the sampler, its steps and the variance.
+        - `guidance_scale`: classifier-free guidance ``w`` (default
+          `diffusion_config.guidance_scale`): every sampler sees
+          ``eps_null + w (eps_c - eps_null)``, the variance channels from the conditional
+          prediction; 1 is plain conditional sampling.
 
         **Returns:** the images, channels first.
         """
@@ -354,9 +373,25 @@ class FSDM(eqx.Module):
         x_T = jax.random.normal(noise_key, (num, *self.image_shape), support.dtype)
         fixed = None if self.time_token else self.context(support, inference=True).c
 
+        w = diffusion_config.guidance_scale if guidance_scale is None else guidance_scale
+        if w < 0:
+            raise ValueError(f"guidance_scale={w!r} is not allowed; it must be >= 0.")
+        null = self.null_context
+        if w != 1.0 and null is None:
+            raise ValueError(
+                f"guidance_scale={w!r} needs a null context, but this model was trained without "
+                "one (ModelConfig.null_context_prob=0); sample with guidance_scale=1."
+            )
+
         def model_fn(x_t: Float[Array, "c h w"], t: Float[Array, ""]) -> Array:
             c = self.context(support, t, inference=True).c if fixed is None else fixed
-            return self.denoiser(x_t, t, c, inference=True).astype(x_t.dtype)
+            out = self.denoiser(x_t, t, c, inference=True).astype(x_t.dtype)
+            if w == 1.0 or null is None:
+                return out
+            out_null = self.denoiser(x_t, t, null.astype(c.dtype), inference=True)
+            eps_c, eps_null = out[: x_t.shape[0]], out_null[: x_t.shape[0]].astype(x_t.dtype)
+            eps = eps_null + w * (eps_c - eps_null)
+            return jnp.concatenate([eps, out[x_t.shape[0] :]])
 
         def one(x: Float[Array, "c h w"], k: PRNGKeyArray) -> Float[Array, "c h w"]:
             return diffusion.sample(model_fn, x, key=k, config=diffusion_config)
@@ -367,10 +402,10 @@ class FSDM(eqx.Module):
 def count_parameters(model: eqx.Module) -> dict[str, int]:
     """Trainable parameters (floating-point array entries) in each top-level field of ``model``.
 
-    For an `FSDM`: ``{"encoder": ..., "posterior": ..., "denoiser": ...}`` (0 for a missing
-    posterior). Fixed buffers computed on the fly (DiT's sin-cos positions) are not parameters.
-    Works on the output of `eqx.filter_eval_shape` too, so a large model can be counted without
-    allocating it.
+    For an `FSDM`: ``{"encoder": ..., "posterior": ..., "denoiser": ..., "null_context": ...}``
+    (0 for a missing posterior or null context). Fixed buffers computed on the fly (DiT's sin-cos
+    positions) are not parameters. Works on the output of `eqx.filter_eval_shape` too, so a large
+    model can be counted without allocating it.
 
     **Arguments:**
     - `model`: any Equinox module, or its abstract shapes.
