@@ -62,6 +62,9 @@ class SampleConfig:
     """`ddpm` ancestral, `ddim` (deterministic) or `ode` (probability flow)."""
     steps: int = 50
     """Respaced sampling steps (at most the diffusion steps of training)."""
+    guidance_scale: float = 1.0
+    """Classifier-free guidance on the context (1: none; needs a model trained with
+    `ModelConfig.null_context_prob > 0`)."""
     batch_size: int = 16
     """Images generated per compiled call."""
     columns: int = 8
@@ -197,6 +200,7 @@ def generate(
     config: ExperimentConfig,
     sampler: SamplerName = "ddim",
     steps: int = 50,
+    guidance_scale: float = 1.0,
     batch_size: int = 16,
 ) -> Float[np.ndarray, "num c h w"]:
     """Generate ``num`` images of the class of ``support``, ``batch_size`` per compiled call.
@@ -208,6 +212,7 @@ def generate(
     - `key`: the randomness; call ``i`` uses ``fold_in(key, i)``.
     - `config`: the experiment configuration (its diffusion process).
     - `sampler`, `steps`: the sampler and its respaced steps (capped at the training steps).
+    - `guidance_scale`: classifier-free guidance on the context (1: none).
     - `batch_size`: images per call; every call has this size, so it compiles once.
 
     **Returns:** the images in [-1, 1], channels first.
@@ -216,6 +221,7 @@ def generate(
         config.diffusion,
         sampler=sampler,
         sampling_steps=min(steps, config.diffusion.num_steps),
+        guidance_scale=guidance_scale,
     )
     size = min(batch_size, num)
 
@@ -268,6 +274,7 @@ def run_sample(config: SampleConfig) -> list[Path]:
         config=experiment,
         sampler=config.sampler,
         steps=config.steps,
+        guidance_scale=config.guidance_scale,
         batch_size=config.batch_size,
     )
     out = Path(config.out_dir)

@@ -122,3 +122,5 @@ def test_guidance_needs_a_null_context():
                      guidance_scale=2.0)  # fmt: skip
     with pytest.raises(ValueError, match="guidance_scale"):
         DiffusionConfig(guidance_scale=-1.0)
+    with pytest.raises(ValueError, match="null_context_prob"):
+        dataclasses.replace(CONFIG, null_context_prob=1.0)
