@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ def test_cpu_demo_trains_evaluates_and_writes_its_figures(tmp_path):
     spec = importlib.util.spec_from_file_location("cpu_demo", SCRIPT)
     assert spec is not None and spec.loader is not None
     demo = importlib.util.module_from_spec(spec)
+    sys.modules["cpu_demo"] = demo  # dataclasses resolve the module's annotations through it
     spec.loader.exec_module(demo)
     config = demo.DemoConfig(
         data_dir=data_dir, out_dir=str(tmp_path), minutes=0.01, batch_size=2, dit_hidden=32,

@@ -200,8 +200,9 @@ def test_context_saliency_matches_finite_differences(model, x_sets):
 
 def test_parameter_histograms_per_subtree(model):
     hist = parameter_histograms(model, "params")
-    assert set(hist) == {"params/encoder", "params/posterior", "params/denoiser"}
-    for name in ("encoder", "posterior", "denoiser"):
+    subtrees = ("encoder", "posterior", "denoiser", "null_context")
+    assert set(hist) == {f"params/{name}" for name in subtrees}
+    for name in subtrees:
         leaves = [
             np.ravel(x)
             for x in jax.tree_util.tree_leaves(getattr(model, name))
@@ -228,7 +229,7 @@ def test_collect_visuals_on_fixed_sets(model, x_sets):
     assert set(visuals.histograms) == {
         f"{kind}/{name}"
         for kind in ("params", "grads")
-        for name in ("encoder", "posterior", "denoiser")
+        for name in ("encoder", "posterior", "denoiser", "null_context")
     }
     np.testing.assert_allclose(
         visuals.histograms["grads/encoder"], 2 * visuals.histograms["params/encoder"]
