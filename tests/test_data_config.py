@@ -35,9 +35,10 @@ def test_defaults_are_the_paper_cifar_setting() -> None:
             "Omniglot's split",
         ),
         (
-            {"dataset": "omniglot", "class_split": "background_evaluation", "split": "val"},
-            "no validation classes",
+            {"dataset": "omniglot", "omniglot_subsets": ("background", "nope")},
+            "omniglot_subsets holds 'nope'",
         ),
+        ({"dataset": "omniglot", "omniglot_subsets": ()}, "omniglot_subsets is empty"),
     ],
 )
 def test_bad_values_name_field_and_fix(kwargs: dict[str, object], message: str) -> None:

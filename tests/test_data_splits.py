@@ -75,6 +75,18 @@ def test_random_split_of_present_classes_only() -> None:
     assert (len(split.train), len(split.val), len(split.test)) == (3, 1, 1)
 
 
+def test_background_evaluation_holds_out_a_seeded_tenth_for_validation() -> None:
+    names = [f"background/a/c{i}" for i in range(40)] + [f"evaluation/b/c{i}" for i in range(7)]
+    labels = np.repeat(np.arange(47), 3)
+    split = class_split("background_evaluation", labels, class_names=names, seed=3)
+    assert len(split.val) == 4 and len(split.train) == 36
+    assert sorted(split.train + split.val) == list(range(40))
+    assert split.test == tuple(range(40, 47))
+    again = class_split("background_evaluation", labels, class_names=names, seed=3)
+    other = class_split("background_evaluation", labels, class_names=names, seed=4)
+    assert again.val == split.val and other.val != split.val
+
+
 def test_bad_requests() -> None:
     with pytest.raises(ValueError, match="official order"):
         class_split("fc100", np.arange(10), class_names=[str(i) for i in range(10)])

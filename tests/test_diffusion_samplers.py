@@ -132,3 +132,28 @@ def test_sample_dispatches_on_the_config(x_T, sampler: str) -> None:
     assert out.shape == (64, *SHAPE) and np.all(np.isfinite(out))
     assert np.all(np.abs(out) <= 1.0 + 1e-6) or sampler == "ode"
     assert abs(out.mean() - MU) < 0.05
+
+
+def test_ode_clips_only_its_final_sample(x_T) -> None:
+    """Wide data (s = 2) puts x_0 predictions outside [-1, 1] along the path: clipping inside
+    the vector field would change the trajectory, clipping the end point does not."""
+
+    def wide_eps(x_t, t):
+        abar = continuous_alpha_bar(FULL, t)
+        return jnp.sqrt(1 - abar) * x_t / (abar * 4.0 + 1 - abar)
+
+    def solve(clip: bool):
+        return batched(
+            lambda x, k: ode_sample(wide_eps, FULL, x, variance="fixed_small", clip_denoised=clip),
+            x_T[:16],
+        )
+
+    free = solve(False)
+    assert np.mean(np.abs(free) > 1) > 0.3
+    np.testing.assert_allclose(solve(True), np.clip(free, -1, 1), atol=1e-6)
+
+
+def test_ode_out_of_steps_is_one_clear_error(x_T) -> None:
+    config = DiffusionConfig(variance="fixed_small", loss="mse", sampler="ode", ode_max_steps=3)
+    with pytest.raises(Exception, match="raise DiffusionConfig.ode_max_steps"):
+        batched(lambda x, k: sample(optimal_eps, x, key=k, config=config), x_T[:2])

@@ -26,6 +26,7 @@ def load_dataset(config: DataConfig) -> tuple[LabelledImages, ClassSplit]:
         data = load_cifar100(config.data_dir, cache_dir=config.cache_dir, download=config.download)
     elif config.dataset == "omniglot":
         data = load_omniglot(
+            config.omniglot_subsets,
             image_size=config.image_size,
             data_dir=config.data_dir,
             cache_dir=config.cache_dir,

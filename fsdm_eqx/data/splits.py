@@ -5,7 +5,8 @@
 - ``random``: a seeded random partition of the classes (the reference's ``cifar100mix`` for
   CIFAR-100: 60/20/20).
 - ``background_evaluation``: Omniglot's official split, background characters for training and
-  evaluation characters for testing; it has no validation classes.
+  evaluation characters for testing; a seeded tenth of the background characters is held out
+  of training for validation (the official split has none).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from .cifar100 import FINE_LABEL_NAMES, fc100_classes
 
 SplitName = Literal["fc100", "random", "background_evaluation"]
 SplitPart = Literal["train", "val", "test"]
+BACKGROUND_VAL_FRACTION = 0.1
+"""The share of Omniglot's background characters held out for validation."""
 SPLIT_NAMES: tuple[str, ...] = ("fc100", "random", "background_evaluation")
 PARTS: tuple[str, ...] = ("train", "val", "test")
 
@@ -82,7 +85,8 @@ def class_split(
         (Omniglot loaded with both subsets).
     - `labels`: the class index of every image.
     - `class_names`: the name of every class, as in `LabelledImages.class_names`.
-    - `seed`: the seed of the ``random`` split.
+    - `seed`: the seed of the ``random`` split and of ``background_evaluation``'s validation
+        hold-out.
     - `fractions`: train / val / test fractions of the classes for the ``random`` split.
 
     **Returns:**
@@ -115,12 +119,15 @@ def class_split(
             "test": order[n_train + n_val :].tolist(),
         }
     elif name == "background_evaluation":
+        background = [c for c in present if names[c].startswith("background")]
+        order = np.random.default_rng(seed).permutation(np.asarray(background, dtype=np.int64))
+        n_val = round(BACKGROUND_VAL_FRACTION * len(order))
         parts = {
-            "train": [c for c in present if names[c].startswith("background")],
-            "val": [],
+            "train": order[n_val:].tolist(),
+            "val": order[:n_val].tolist(),
             "test": [c for c in present if names[c].startswith("evaluation")],
         }
-        if not parts["train"] or not parts["test"]:
+        if not background or not parts["test"]:
             raise ValueError(
                 "The background_evaluation split needs Omniglot loaded with both the background "
                 "and the evaluation subsets."

@@ -9,6 +9,7 @@ Each takes a model function ``(x_t, t) -> prediction`` for one example and the s
 from __future__ import annotations
 
 import diffrax
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
@@ -122,10 +123,15 @@ def ode_sample(
     step x_0 = y - sigma_0 eps is taken as DDIM does. The model sees the fractional timestep of
     each noise level (`continuous_timestep`).
 
+    The vector field never clips: with `clip_denoised` only the final x_0 is clipped to
+    [-1, 1], so that the solver integrates the smooth probability-flow ODE.
+
     **Arguments:** as `ddpm_sample`, without a key, plus the solver's `rtol`, `atol` and
     `max_steps`.
 
-    **Returns:** the sample x_0.
+    **Returns:** the sample x_0. A solve that would need more than `max_steps` steps stops with
+    an error that says so (raise `DiffusionConfig.ode_max_steps`, loosen the tolerances or use
+    the DDIM sampler), never with a partial sample.
     """
     log_sigmas = log_sigma(schedule)
     s_start, s_end = log_sigmas[-1], log_sigmas[0]
@@ -136,8 +142,7 @@ def ode_sample(
         x = y / jnp.sqrt(1.0 + sigma**2)
         t = continuous_timestep(schedule, s)
         eps, _ = split_model_output(model_fn(x, t), x, variance=variance)
-        x0 = y - sigma * eps
-        return jnp.clip(x0, -1.0, 1.0) if clip_denoised else x0
+        return y - sigma * eps
 
     def vector_field(s: ArrayLike, y: Array, args: None) -> Array:
         del args
@@ -153,9 +158,18 @@ def ode_sample(
         y0=y_T,
         stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
         max_steps=max_steps,
+        throw=False,
     )
     assert solution.ys is not None
-    return denoised(s_end, solution.ys[-1])
+    x0 = denoised(s_end, solution.ys[-1])
+    x0 = eqx.error_if(
+        x0,
+        solution.result != diffrax.RESULTS.successful,
+        f"the probability-flow ODE solver did not reach the end within max_steps={max_steps} "
+        "steps; raise DiffusionConfig.ode_max_steps, loosen ode_rtol/ode_atol, or sample with "
+        "sampler='ddim'.",
+    )
+    return jnp.clip(x0, -1.0, 1.0) if clip_denoised else x0
 
 
 def sample(
@@ -180,6 +194,7 @@ def sample(
             clip_denoised=config.clip_denoised,
             rtol=config.ode_rtol,
             atol=config.ode_atol,
+            max_steps=config.ode_max_steps,
         )
     schedule = make_schedule(
         config.schedule, config.num_steps, sampling_steps=config.sampling_steps

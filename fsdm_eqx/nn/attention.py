@@ -167,7 +167,7 @@ class MultiheadAttention(eqx.Module):
         context: Float[Array, "m e"] | None = None,
         *,
         key: PRNGKeyArray | None = None,
-        inference: bool = False,
+        inference: bool | None = None,
     ) -> tuple[Float[Array, "n d"], Float[Array, "heads n m"]]:
         """Attend from ``x`` to ``context`` (to ``x`` itself when None).
 
@@ -175,7 +175,7 @@ class MultiheadAttention(eqx.Module):
         - `x`: the query tokens.
         - `context`: the key/value tokens; None for self-attention.
         - `key`: dropout randomness.
-        - `inference`: disables dropout.
+        - `inference`: disables dropout; None leaves it to `eqx.nn.inference_mode`.
 
         **Returns:** the output tokens and the attention weights (rows sum to one).
         """
@@ -235,7 +235,11 @@ class MLP(eqx.Module):
         self.approximate_gelu = approximate_gelu
 
     def __call__(
-        self, x: Float[Array, "n d"], *, key: PRNGKeyArray | None = None, inference: bool = False
+        self,
+        x: Float[Array, "n d"],
+        *,
+        key: PRNGKeyArray | None = None,
+        inference: bool | None = None,
     ) -> Float[Array, "n d"]:
         """Apply the MLP to every token; `key` drives dropout unless `inference`."""
         key1, key2 = split_key(key, 2)
@@ -296,14 +300,18 @@ class TransformerBlock(eqx.Module):
         self.mlp = MLP(dim, mlp_dim, dropout=dropout, key=mlp_key)
 
     def trace(
-        self, x: Float[Array, "n d"], *, key: PRNGKeyArray | None = None, inference: bool = False
+        self,
+        x: Float[Array, "n d"],
+        *,
+        key: PRNGKeyArray | None = None,
+        inference: bool | None = None,
     ) -> TransformerTrace:
         """Apply the block and keep its residual branches (for instrumentation).
 
         **Arguments:**
         - `x`: the input tokens.
         - `key`: dropout randomness.
-        - `inference`: disables dropout.
+        - `inference`: disables dropout; None leaves it to `eqx.nn.inference_mode`.
 
         **Returns:** the output tokens, attention weights, attention branch and MLP branch.
         """
@@ -314,7 +322,11 @@ class TransformerBlock(eqx.Module):
         return TransformerTrace(x + m, weights, h, m)
 
     def __call__(
-        self, x: Float[Array, "n d"], *, key: PRNGKeyArray | None = None, inference: bool = False
+        self,
+        x: Float[Array, "n d"],
+        *,
+        key: PRNGKeyArray | None = None,
+        inference: bool | None = None,
     ) -> tuple[Float[Array, "n d"], Float[Array, "heads n n"]]:
         """Apply the block; returns the tokens and the attention weights."""
         out = self.trace(x, key=key, inference=inference)
@@ -353,7 +365,11 @@ class Transformer(eqx.Module):
         )
 
     def trace(
-        self, x: Float[Array, "n d"], *, key: PRNGKeyArray | None = None, inference: bool = False
+        self,
+        x: Float[Array, "n d"],
+        *,
+        key: PRNGKeyArray | None = None,
+        inference: bool | None = None,
     ) -> TransformerTrace:
         """Apply every block and keep their residual branches; arguments as for
         `TransformerBlock.trace`.
@@ -373,7 +389,11 @@ class Transformer(eqx.Module):
         )
 
     def __call__(
-        self, x: Float[Array, "n d"], *, key: PRNGKeyArray | None = None, inference: bool = False
+        self,
+        x: Float[Array, "n d"],
+        *,
+        key: PRNGKeyArray | None = None,
+        inference: bool | None = None,
     ) -> tuple[Float[Array, "n d"], Float[Array, "depth heads n n"]]:
         """Apply every block; returns the tokens and the stacked attention weights."""
         out = self.trace(x, key=key, inference=inference)

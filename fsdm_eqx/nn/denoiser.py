@@ -29,7 +29,7 @@ class AbstractDenoiser(eqx.Module):
         context: Float[Array, " d"] | Float[Array, "n d"],
         *,
         key: PRNGKeyArray | None = None,
-        inference: bool = False,
+        inference: bool | None = None,
     ) -> Float[Array, "c_out h w"]:
         """Predict from the noisy image ``x_t`` at (possibly fractional) timestep ``t``.
 
@@ -38,7 +38,7 @@ class AbstractDenoiser(eqx.Module):
         - `t`: the diffusion timestep in [0, T), as a float (the ODE sampler uses fractional t).
         - `context`: the conditioning vector or tokens.
         - `key`: dropout randomness; needed unless `inference` is true or dropout is zero.
-        - `inference`: disables dropout.
+        - `inference`: disables dropout; None leaves it to `eqx.nn.inference_mode`.
 
         **Returns:** the prediction, channels first.
         """

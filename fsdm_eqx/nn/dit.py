@@ -351,7 +351,7 @@ class DiT(AbstractDenoiser):
         context: Float[Array, " d"] | Float[Array, "n d"],
         *,
         key: PRNGKeyArray | None = None,
-        inference: bool = False,
+        inference: bool | None = None,
     ) -> Float[Array, "c_out h w"]:
         """Predict epsilon (and the variance channels) for the noisy image ``x_t``.
 

@@ -127,6 +127,9 @@ class FSDM(eqx.Module):
     time_token: bool = eqx.field(static=True)
     learned_variance: bool = eqx.field(static=True)
     remat: bool = eqx.field(static=True)
+    inference: bool
+    """Evaluation mode, set by `eqx.nn.inference_mode`: no dropout, posterior means and no
+    null-context dropping wherever a method's `inference` argument is left as None."""
 
     def __init__(self, config: ModelConfig, *, key: PRNGKeyArray):
         """**Arguments:**
@@ -146,11 +149,16 @@ class FSDM(eqx.Module):
         else:
             self.null_context = None
         self.null_context_prob = config.null_context_prob
+        self.inference = False
         self.image_shape = (config.channels, config.image_size, config.image_size)
         self.ns = config.ns
         self.time_token = config.encoder_time_token
         self.learned_variance = config.learned_variance
         self.remat = config.remat
+
+    def _inference(self, inference: bool | None) -> bool:
+        """An explicit `inference` argument, else the mode `eqx.nn.inference_mode` set."""
+        return self.inference if inference is None else inference
 
     def _check_images(self, x: Array, what: str) -> None:
         if x.ndim != 4 or tuple(x.shape[1:]) != self.image_shape:
@@ -174,7 +182,7 @@ class FSDM(eqx.Module):
         t: Float[Array, ""] | None = None,
         *,
         key: PRNGKeyArray | None = None,
-        inference: bool = False,
+        inference: bool | None = None,
     ) -> SetContext:
         """The context of one set (any number of images).
 
@@ -182,13 +190,15 @@ class FSDM(eqx.Module):
         - `x_set`: the images, channels first.
         - `t`: the diffusion timestep, when the encoder has a timestep token.
         - `key`: dropout and posterior-sampling randomness; needed unless `inference`.
-        - `inference`: no dropout, and the posterior mean instead of a sample.
+        - `inference`: no dropout, and the posterior mean instead of a sample; None: the
+          model's mode (`eqx.nn.inference_mode`).
 
         **Returns:** the context, with the posterior's mean and log-variance when variational,
         in the dtype of `x_set` (the networks compute in the dtype of their weights).
 
         With `ModelConfig.remat` the encoder's activations are recomputed in the backward pass.
         """
+        inference = self._inference(inference)
         enc_key, post_key = split_key(key, 2)
 
         def encode(
@@ -220,7 +230,7 @@ class FSDM(eqx.Module):
         t: Float[Array, " ns"] | None = None,
         *,
         key: PRNGKeyArray | None = None,
-        inference: bool = False,
+        inference: bool | None = None,
     ) -> SetContext:
         """The ``ns`` contexts ``c_i = Enc(X \\ {x_i})`` of a set, in one vectorised pass.
 
@@ -229,11 +239,13 @@ class FSDM(eqx.Module):
         - `t`: per-image diffusion timesteps for an encoder with a timestep token (context `i`
           sees `t[i]`, the timestep of the image it conditions); None otherwise.
         - `key`: dropout and posterior-sampling randomness; needed unless `inference`.
-        - `inference`: no dropout, and posterior means instead of samples.
+        - `inference`: no dropout, and posterior means instead of samples; None: the model's
+          mode.
 
         **Returns:** the contexts (and posterior parameters), each with a leading `ns` axis.
         """
         self._check_images(x_set, "x_set")
+        inference = self._inference(inference)
         ns = x_set.shape[0]
         if ns < 2:
             raise ValueError(f"a leave-one-out context needs a set of at least 2 images, got {ns}.")
@@ -254,7 +266,7 @@ class FSDM(eqx.Module):
         key: PRNGKeyArray,
         diffusion_config: DiffusionConfig,
         schedule: Schedule,
-        inference: bool = False,
+        inference: bool | None = None,
         context_offset: Float[Array, "ns ..."] | None = None,
     ) -> dict[str, Array]:
         """The training loss of one set (vmap over sets outside).
@@ -268,7 +280,8 @@ class FSDM(eqx.Module):
         - `key`: timesteps, noise, dropout and posterior samples.
         - `diffusion_config`: the loss and variance settings.
         - `schedule`: the training schedule.
-        - `inference`: no dropout and posterior means (for evaluation).
+        - `inference`: no dropout, posterior means and no null-context dropping (for
+          evaluation); None: the model's mode (`eqx.nn.inference_mode`).
         - `context_offset`: added to the leave-one-out contexts before the denoiser sees them;
           the gradient of the loss with respect to a zero offset is its gradient with respect
           to the contexts, in the same backward pass as the parameters'.
@@ -281,6 +294,7 @@ class FSDM(eqx.Module):
         """
         self._check_diffusion(diffusion_config)
         self._check_images(x_set, "x_set")
+        inference = self._inference(inference)
         ns = x_set.shape[0]
         if ns != self.ns:
             raise ValueError(
@@ -410,13 +424,14 @@ def count_parameters(model: eqx.Module) -> dict[str, int]:
     **Arguments:**
     - `model`: any Equinox module, or its abstract shapes.
 
-    **Returns:** the count per non-static field, in declaration order.
+    **Returns:** the count per field that holds modules or arrays, in declaration order.
     """
     counts: dict[str, int] = {}
     for field in dataclasses.fields(model):
-        if field.metadata.get("static", False):
-            continue
-        leaves = jax.tree.leaves(getattr(model, field.name))
+        value = getattr(model, field.name)
+        if field.metadata.get("static", False) or isinstance(value, bool | int | float):
+            continue  # hyperparameters and mode flags (`inference`)
+        leaves = jax.tree.leaves(value)
         counts[field.name] = sum(math.prod(leaf.shape) for leaf in leaves if _is_parameter(leaf))
     return counts
 

@@ -115,7 +115,7 @@ class _ResBlock(eqx.Module):
         cond: Float[Array, " e"],
         *,
         key: PRNGKeyArray | None,
-        inference: bool,
+        inference: bool | None,
     ) -> Float[Array, "h w c_out"]:
         h = self.in_conv.channels_last(jax.nn.silu(_norm(self.in_norm, x)))
         scale, shift = self.film_vectors(cond)
@@ -250,7 +250,7 @@ def _run_res(
     x: Float[Array, "h w c"],
     cond: Float[Array, " e"],
     key: PRNGKeyArray | None,
-    inference: bool,
+    inference: bool | None,
     remat: bool,
 ) -> Float[Array, "h w c_out"]:
     """The residual block, under `eqx.filter_checkpoint` when ``remat``."""
@@ -304,7 +304,7 @@ class _Stage(eqx.Module):
         context: Float[Array, "*n d"],
         *,
         key: PRNGKeyArray | None,
-        inference: bool,
+        inference: bool | None,
         remat: bool,
     ) -> Float[Array, "h2 w2 c2"]:
         h = _run_res(self.res, x, cond, key, inference, remat)
@@ -516,7 +516,7 @@ class UNet(AbstractDenoiser):
         context: Float[Array, " d"] | Float[Array, "n d"],
         *,
         key: PRNGKeyArray | None = None,
-        inference: bool = False,
+        inference: bool | None = None,
     ) -> Float[Array, "c_out h w"]:
         """Predict epsilon (and the variance channels) for one noisy image.
 
@@ -525,7 +525,7 @@ class UNet(AbstractDenoiser):
         - `t`: the timestep in [0, T), possibly fractional.
         - `context`: a vector `(context_dim,)` for FiLM, or tokens `(n, context_dim)` for LAG.
         - `key`: dropout randomness; needed when `inference` is false and dropout is positive.
-        - `inference`: disables dropout.
+        - `inference`: disables dropout; None leaves it to `eqx.nn.inference_mode`.
 
         **Returns:** the prediction, `(out_channels, image_size, image_size)`, in the weights'
         dtype.
@@ -564,7 +564,7 @@ class UNet(AbstractDenoiser):
         x_t: Float[Array, "c h w"],
         context: Float[Array, "*n d"],
         key: PRNGKeyArray | None,
-        inference: bool,
+        inference: bool | None,
     ) -> None:
         want = (self.in_channels, self.image_size, self.image_size)
         if x_t.shape != want:
@@ -581,6 +581,8 @@ class UNet(AbstractDenoiser):
                 f"UNet with conditioning={self.conditioning!r} expects the context as {form} "
                 f"with context_dim={self.context_dim}, got shape {context.shape}."
             )
+        if inference is None:
+            inference = all(block.dropout.inference for block in self._res_blocks().values())
         if key is None and not inference and self.dropout > 0:
             raise ValueError(
                 f"UNet has dropout={self.dropout}: pass `key=` for training, or "

@@ -142,7 +142,7 @@ class SetTransformer(eqx.Module):
         t: Float[Array, ""] | None,
         *,
         key: PRNGKeyArray | None,
-        inference: bool,
+        inference: bool | None,
     ) -> EncoderTrace:
         """Pool the set's patch tokens into the context, keeping the transformer's intermediates."""
         m, p, dim = patches.shape
@@ -187,7 +187,7 @@ class SetTransformer(eqx.Module):
         t: Float[Array, ""] | None,
         *,
         key: PRNGKeyArray | None,
-        inference: bool,
+        inference: bool | None,
     ) -> tuple[Context, Float[Array, "depth heads n n"]]:
         """Pool the set's patch tokens into the context; also returns the attention weights."""
         out = self.trace(patches, t, key=key, inference=inference)
@@ -216,7 +216,7 @@ class AbstractSetEncoder(eqx.Module):
         t: Float[Array, ""] | None = None,
         *,
         key: PRNGKeyArray | None = None,
-        inference: bool = False,
+        inference: bool | None = None,
     ) -> EncoderTrace:
         """Encode a set, keeping the intermediates that the instrumentation reads.
 
@@ -234,7 +234,7 @@ class AbstractSetEncoder(eqx.Module):
         t: Float[Array, ""] | None = None,
         *,
         key: PRNGKeyArray | None = None,
-        inference: bool = False,
+        inference: bool | None = None,
     ) -> tuple[Context, Float[Array, "depth heads n n"]]:
         """Encode a set and return the context with the attention weights of every layer.
 
@@ -242,7 +242,7 @@ class AbstractSetEncoder(eqx.Module):
         - `x_set`: the set, any number of images, channels first.
         - `t`: the diffusion timestep, when the encoder has a timestep token; otherwise None.
         - `key`: dropout randomness; needed unless `inference` is true or dropout is zero.
-        - `inference`: disables dropout.
+        - `inference`: disables dropout; None leaves it to `eqx.nn.inference_mode`.
 
         **Returns:** the context (`(hdim,)`, or `(patches, hdim)` for `mean_patch` pooling) and
         the attention weights `(depth, heads, tokens, tokens)`; the token order is class token,
@@ -257,7 +257,7 @@ class AbstractSetEncoder(eqx.Module):
         t: Float[Array, ""] | None = None,
         *,
         key: PRNGKeyArray | None = None,
-        inference: bool = False,
+        inference: bool | None = None,
     ) -> Context:
         """Encode a set into its context; the arguments are those of `encode`."""
         return self.encode(x_set, t, key=key, inference=inference)[0]
