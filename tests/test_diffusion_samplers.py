@@ -155,5 +155,5 @@ def test_ode_clips_only_its_final_sample(x_T) -> None:
 
 def test_ode_out_of_steps_is_one_clear_error(x_T) -> None:
     config = DiffusionConfig(variance="fixed_small", loss="mse", sampler="ode", ode_max_steps=3)
-    with pytest.raises(Exception, match="raise DiffusionConfig.ode_max_steps"):
+    with pytest.raises(Exception, match=r"raise DiffusionConfig\.ode_max_steps"):
         batched(lambda x, k: sample(optimal_eps, x, key=k, config=config), x_T[:2])

@@ -61,17 +61,19 @@ def _smallest(preset: str, run_dir: Path) -> list[str]:
     ]  # fmt: skip
 
 
+_OMNIGLOT_SMALL = [
+    "--data.omniglot-subsets", "background_small1", "background_small2",
+    "--data.class-split", "random",
+]  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("script", "preset", "data"),
     [
         (
             "omniglot_fewshot.py",
             "omniglot",
-            lambda: [
-                "--data.data-dir", shared_path("data", "omniglot"),
-                "--data.omniglot-subsets", "background_small1", "background_small2",
-                "--data.class-split", "random",
-            ],  # fmt: skip
+            lambda: [*_OMNIGLOT_SMALL, "--data.data-dir", shared_path("data", "omniglot")],
         ),
         (
             "mnist_fewshot.py",
