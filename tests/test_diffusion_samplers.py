@@ -126,11 +126,29 @@ def test_ddpm_and_ddim_eta1_differ_pathwise_but_not_in_law(x_T) -> None:
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "ode"])
 def test_sample_dispatches_on_the_config(x_T, sampler: str) -> None:
     config = DiffusionConfig(
-        variance="fixed_small", loss="mse", sampler=sampler, sampling_steps=100, clip_denoised=True
+        variance="fixed_small",
+        loss="mse",
+        sampler=sampler,
+        sampling_steps=100,
+        ddim_eta=0.5,
+        clip_denoised=True,
     )
     out = batched(lambda x, k: sample(optimal_eps, x, key=k, config=config), x_T[:64])
-    assert out.shape == (64, *SHAPE) and np.all(np.isfinite(out))
-    assert np.all(np.abs(out) <= 1.0 + 1e-6) or sampler == "ode"
+    respaced = make_schedule("linear", 1000, sampling_steps=100)
+    direct = {
+        "ddpm": lambda x, k: ddpm_sample(optimal_eps, respaced, x, key=k, variance="fixed_small"),
+        "ddim": lambda x, k: ddim_sample(
+            optimal_eps, respaced, x, key=k, eta=0.5, variance="fixed_small"
+        ),
+        "ode": lambda x, k: ode_sample(
+            optimal_eps, FULL, x, variance="fixed_small", clip_denoised=True
+        ),
+    }
+    expected = {name: batched(fn, x_T[:64]) for name, fn in direct.items()}
+    np.testing.assert_allclose(out, expected[sampler], atol=1e-5)
+    for other in set(direct) - {sampler}:
+        assert np.abs(out - expected[other]).max() > 1e-3
+    assert np.all(np.abs(out) <= 1.0 + 1e-6)
     assert abs(out.mean() - MU) < 0.05
 
 

@@ -93,6 +93,22 @@ class TimestepEmbedder(eqx.Module):
         return self.fc2(jax.nn.silu(self.fc1(frequencies)))
 
 
+WARM_START_STD = 0.02
+"""Standard deviation of the adaLN and output weights in a warm start (`gate_bias != 0`)."""
+
+
+def _small_linear(linear: eqx.nn.Linear, *, key: PRNGKeyArray) -> eqx.nn.Linear:
+    """The layer with small normal weights and a zero bias: a warm start's adaLN-Zero layers."""
+    linear = zero_linear(linear)
+    weight = WARM_START_STD * jax.random.normal(key, linear.weight.shape, linear.weight.dtype)
+    return eqx.tree_at(lambda m: m.weight, linear, weight)
+
+
+def _zero_start(linear: eqx.nn.Linear, *, key: PRNGKeyArray) -> eqx.nn.Linear:
+    del key
+    return zero_linear(linear)
+
+
 class DiTBlock(eqx.Module):
     """One DiT block with adaLN-Zero (and, for LAG, a zero-initialised cross-attention)."""
 
@@ -118,10 +134,13 @@ class DiTBlock(eqx.Module):
         - `hidden`, `num_heads`, `mlp_ratio`: the block's width, heads and MLP width ratio.
         - `cross_attention`: add a cross-attention to context tokens (LAG).
         - `gate_bias`: initial bias of the two gates; 0 is adaLN-Zero (the block starts as the
-          identity), a positive value warm-starts the branches.
+          identity), a non-zero value warm-starts the branches: the gates open by `gate_bias`
+          and the adaLN (and cross-attention output) weights start small instead of zero, so
+          that the conditioning reaches the output from the first step.
         - `key`: initialisation randomness.
         """
         attn_key, cross_key, mlp_key, mod_key = jax.random.split(key, 4)
+        start = _zero_start if gate_bias == 0 else _small_linear
         head_dim = hidden // num_heads
 
         def norm() -> eqx.nn.LayerNorm:
@@ -146,7 +165,8 @@ class DiTBlock(eqx.Module):
                 weight_init=_xavier,
                 key=cross_key,
             )
-            self.cross_attention = eqx.tree_at(lambda m: m.to_out, cross, zero_linear(cross.to_out))
+            to_out = start(cross.to_out, key=jax.random.fold_in(cross_key, 1))
+            self.cross_attention = eqx.tree_at(lambda m: m.to_out, cross, to_out)
         else:
             self.norm_cross = None
             self.cross_attention = None
@@ -158,7 +178,7 @@ class DiTBlock(eqx.Module):
             weight_init=_xavier,
             key=mlp_key,
         )
-        modulation = zero_linear(eqx.nn.Linear(hidden, 6 * hidden, key=mod_key))
+        modulation = start(eqx.nn.Linear(hidden, 6 * hidden, key=mod_key), key=mod_key)
         assert modulation.bias is not None
         bias = modulation.bias.at[2 * hidden : 3 * hidden].set(gate_bias)
         bias = bias.at[5 * hidden :].set(gate_bias)
@@ -202,12 +222,14 @@ class FinalLayer(eqx.Module):
     modulation: eqx.nn.Linear
     linear: eqx.nn.Linear
 
-    def __init__(self, hidden: int, patch_dim: int, *, key: PRNGKeyArray):
-        """**Arguments:** the width, the pixels per output patch and the init key."""
+    def __init__(self, hidden: int, patch_dim: int, *, warm: bool = False, key: PRNGKeyArray):
+        """**Arguments:** the width, the pixels per output patch, `warm` (small weights
+        instead of zeros, with the blocks' warm start) and the init key."""
         key1, key2 = jax.random.split(key)
+        start = _small_linear if warm else _zero_start
         self.norm = eqx.nn.LayerNorm(hidden, eps=1e-6, use_weight=False, use_bias=False)
-        self.modulation = zero_linear(eqx.nn.Linear(hidden, 2 * hidden, key=key1))
-        self.linear = zero_linear(eqx.nn.Linear(hidden, patch_dim, key=key2))
+        self.modulation = start(eqx.nn.Linear(hidden, 2 * hidden, key=key1), key=key1)
+        self.linear = start(eqx.nn.Linear(hidden, patch_dim, key=key2), key=key2)
 
     def adaln(self, c: Float[Array, " d"]) -> tuple[Float[Array, " d"], Float[Array, " d"]]:
         """The shift and scale vectors for the conditioning vector ``c``."""
@@ -261,7 +283,8 @@ class DiT(AbstractDenoiser):
         - `hidden`, `depth`, `num_heads`, `mlp_ratio`: the transformer (see `DIT_SIZES`).
         - `context_dim`: size of the context vector (FiLM) or of each context token (LAG).
         - `conditioning`: `film` or `lag`.
-        - `gate_bias`: initial bias of the blocks' gates (0: adaLN-Zero).
+        - `gate_bias`: initial bias of the blocks' gates (0: adaLN-Zero; otherwise a warm start,
+          with small adaLN and output weights, so that the context acts from the first step).
         - `remat`: recompute each block's activations in the backward pass instead of storing
           them (`eqx.filter_checkpoint`): less memory, about one more forward pass of compute.
         - `key`: initialisation randomness.
@@ -295,7 +318,9 @@ class DiT(AbstractDenoiser):
             )
             for k in jax.random.split(blocks_key, depth)
         )
-        self.final = FinalLayer(hidden, patch_size**2 * out_channels, key=final_key)
+        self.final = FinalLayer(
+            hidden, patch_size**2 * out_channels, warm=gate_bias != 0, key=final_key
+        )
         self.image_size = image_size
         self.in_channels = in_channels
         self.out_channels = out_channels
