@@ -17,6 +17,7 @@ from fsdm_eqx import diffusion
 from fsdm_eqx.config import DiffusionConfig, model_preset
 from fsdm_eqx.nn import FSDM, count_parameters, leave_one_out_indices
 from tests.conftest import shared_path
+from tests.helpers import perturb_zeros
 
 CONFIG = model_preset("smoke")
 NS, SHAPE = CONFIG.ns, (CONFIG.channels, CONFIG.image_size, CONFIG.image_size)
@@ -213,21 +214,8 @@ def test_sample_shapes(model):
     assert float(jnp.max(jnp.abs(images))) <= 1.0 + 1e-5  # clip_denoised keeps x_0 in range
 
 
-def _perturb_zeros(tree, key):
-    """Small noise in place of the zero-initialised layers (adaLN-Zero ignores the context)."""
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    keys = jax.random.split(key, len(leaves))
-    leaves = [
-        0.05 * jax.random.normal(k, x.shape, x.dtype)
-        if eqx.is_inexact_array(x) and not bool(jnp.any(x))
-        else x
-        for x, k in zip(leaves, keys, strict=True)
-    ]
-    return jax.tree_util.tree_unflatten(treedef, leaves)
-
-
 def test_samples_follow_the_support_set(model):
-    model = _perturb_zeros(model, jax.random.key(7))
+    model = perturb_zeros(model, seed=7)
     run = eqx.filter_jit(lambda m, s, k: m.sample(s, 2, key=k, diffusion_config=DIFFUSION))
     a, b = _random_set(21, (5, *SHAPE)), _random_set(22, (5, *SHAPE))
     key = jax.random.key(3)

@@ -10,6 +10,7 @@ import pytest
 
 from fsdm_eqx.config import model_preset
 from fsdm_eqx.nn import FSDM, UNet
+from tests.helpers import perturb_zeros
 
 CONFIG = dataclasses.replace(
     model_preset("smoke"),
@@ -23,19 +24,6 @@ CONFIG = dataclasses.replace(
 )
 
 
-def _unzero(tree, key):
-    """Replace every all-zero array (the zero-initialised layers) by small noise."""
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    keys = jax.random.split(key, len(leaves))
-    leaves = [
-        0.1 * jax.random.normal(k, x.shape, x.dtype)
-        if eqx.is_inexact_array(x) and not bool(jnp.any(x))
-        else x
-        for x, k in zip(leaves, keys, strict=True)
-    ]
-    return jax.tree_util.tree_unflatten(treedef, leaves)
-
-
 @pytest.mark.parametrize("conditioning", ["film", "lag"])
 def test_unet_predictions_are_leave_one_out(conditioning: str) -> None:
     config = (
@@ -43,7 +31,7 @@ def test_unet_predictions_are_leave_one_out(conditioning: str) -> None:
         if conditioning == "film"
         else dataclasses.replace(CONFIG, conditioning="lag", pooling="mean_patch")
     )
-    model = _unzero(FSDM(config, key=jax.random.key(0)), jax.random.key(1))
+    model = perturb_zeros(FSDM(config, key=jax.random.key(0)))
     assert isinstance(model.denoiser, UNet)
     ns, shape = config.ns, (config.channels, config.image_size, config.image_size)
     x_set = jax.random.uniform(jax.random.key(2), (ns, *shape), minval=-1, maxval=1)

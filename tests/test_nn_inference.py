@@ -9,12 +9,12 @@ import dataclasses
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from fsdm_eqx.config import DiffusionConfig, model_preset
 from fsdm_eqx.nn import FSDM, UNet
 from fsdm_eqx.train import fsdm_loss_fn
+from tests.helpers import perturb_zeros
 
 NOISY = dataclasses.replace(
     model_preset("smoke"),
@@ -32,19 +32,6 @@ NOISY = dataclasses.replace(
 QUIET = dataclasses.replace(NOISY, unet_dropout=0.0, encoder_dropout=0.0, null_context_prob=0.0)
 
 
-def _unzero(tree, key):
-    """Small noise in place of the zero-initialised layers, so that dropout reaches the output."""
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    keys = jax.random.split(key, len(leaves))
-    leaves = [
-        0.1 * jax.random.normal(k, x.shape, x.dtype)
-        if eqx.is_inexact_array(x) and not bool(jnp.any(x))
-        else x
-        for x, k in zip(leaves, keys, strict=True)
-    ]
-    return jax.tree_util.tree_unflatten(treedef, leaves)
-
-
 def _set(config, key):
     shape = (config.ns, config.channels, config.image_size, config.image_size)
     return jax.random.uniform(key, shape, minval=-1.0, maxval=1.0)
@@ -58,7 +45,7 @@ def _loss(config):
 
 
 def test_evaluation_loss_has_no_dropout_and_no_null_context() -> None:
-    noisy = _unzero(FSDM(NOISY, key=jax.random.key(0)), jax.random.key(1))
+    noisy = perturb_zeros(FSDM(NOISY, key=jax.random.key(0)))
     assert isinstance(noisy.denoiser, UNet)
     no_dropout = eqx.tree_at(
         lambda m: [leaf for leaf in jax.tree.leaves(m, is_leaf=_is_dropout) if _is_dropout(leaf)],
@@ -84,7 +71,7 @@ def test_evaluation_loss_has_no_dropout_and_no_null_context() -> None:
 
 def test_evaluation_mode_uses_the_posterior_mean() -> None:
     config = dataclasses.replace(NOISY, variational=True)
-    model = _unzero(FSDM(config, key=jax.random.key(0)), jax.random.key(1))
+    model = perturb_zeros(FSDM(config, key=jax.random.key(0)))
     x_set = _set(config, jax.random.key(2))
     evaluated = eqx.nn.inference_mode(model).leave_one_out_context(x_set, key=jax.random.key(4))
     again = eqx.nn.inference_mode(model).leave_one_out_context(x_set, key=jax.random.key(5))
@@ -95,14 +82,14 @@ def test_evaluation_mode_uses_the_posterior_mean() -> None:
 
 
 def test_an_explicit_argument_overrides_the_mode() -> None:
-    model = _unzero(FSDM(NOISY, key=jax.random.key(0)), jax.random.key(1))
+    model = perturb_zeros(FSDM(NOISY, key=jax.random.key(0)))
     x_set = _set(NOISY, jax.random.key(2))
     key = jax.random.key(3)
     explicit = model.leave_one_out_context(x_set, key=key, inference=True).c
     by_mode = eqx.nn.inference_mode(model).leave_one_out_context(x_set, key=key).c
-    forced_training = eqx.nn.inference_mode(model).leave_one_out_context(
-        x_set, key=key, inference=False
-    ).c
+    forced_training = (
+        eqx.nn.inference_mode(model).leave_one_out_context(x_set, key=key, inference=False).c
+    )
     np.testing.assert_array_equal(np.asarray(explicit), np.asarray(by_mode))
     assert not np.allclose(np.asarray(forced_training), np.asarray(by_mode))
 

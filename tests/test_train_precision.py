@@ -18,6 +18,7 @@ import pytest
 from fsdm_eqx.config import DiffusionConfig, ModelConfig, OptimConfig, model_preset
 from fsdm_eqx.nn import FSDM, DiT
 from fsdm_eqx.train import cast_floating, fsdm_loss_fn, init_train_state, make_train_step
+from tests.helpers import perturb_zeros
 
 TINY = dataclasses.replace(
     model_preset("smoke"), image_size=16, encoder_patch_size=8, dit_patch_size=4, ns=3
@@ -44,24 +45,10 @@ BF16_REL_TOL = 2e-3
 the loss moved by 6e-5 (DiT) and 1.1e-4 (UNet) relative, well within this bound."""
 
 
-def _unzero(tree, seed: int = 1):
-    """Replace every all-zero array (adaLN-Zero, zero output layers) by small noise, so that
-    every layer contributes to the output. Done in numpy, so that it compiles nothing."""
-    rng = np.random.default_rng(seed)
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    leaves = [
-        jnp.asarray(0.05 * rng.standard_normal(x.shape), x.dtype)
-        if eqx.is_inexact_array(x) and not np.any(np.asarray(x))
-        else x
-        for x in leaves
-    ]
-    return jax.tree_util.tree_unflatten(treedef, leaves)
-
-
 @functools.cache
 def _model(name: str, remat: bool = False) -> FSDM:
     config = dataclasses.replace(CONFIGS[name], remat=remat)
-    return _unzero(FSDM(config, key=jax.random.key(0)))
+    return perturb_zeros(FSDM(config, key=jax.random.key(0)))
 
 
 @functools.cache
