@@ -12,7 +12,8 @@ space (independent of the model):
   shuffled between characters;
 - `support_distance`: the median distance from a generated image to the nearest image of its
   support set, beside the same median for held-out real drawings (copies would sit far below);
-- `kid`: the kernel distance of pixel features (KID's estimator) to the held-out drawings.
+- `kid_pixels`: the kernel distance of pixel features (KID's estimator, its mean over
+  subsets) to the held-out drawings.
 
 Every guidance scale of `--guidance-scales` is evaluated. The run writes `metrics.json`,
 `samples.png` (support rows over generated rows) and the model checkpoint to `--out-dir`.

@@ -12,7 +12,6 @@ its channels), generates ``--num`` images with the EMA model and writes them as
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import sys
 from collections.abc import Sequence
@@ -33,8 +32,9 @@ from .nn.fsdm import FSDM
 from .train.checkpoint import (
     METADATA_FILE,
     CheckpointError,
-    latest_checkpoint,
+    read_checkpoint_metadata,
     restore_checkpoint,
+    resumable_checkpoint,
 )
 from .train.state import init_train_state
 
@@ -135,24 +135,22 @@ def load_support_images(
 
 
 def _checkpoint_metadata(path: Path) -> tuple[Path, dict[str, Any]]:
-    """The checkpoint directory ``path`` names (a run directory's newest) and its metadata."""
+    """The checkpoint directory ``path`` names (a run directory's newest intact one, skipping
+    damaged ones with a warning) and its metadata."""
     if not path.exists():
         raise CheckpointError(
             f"--checkpoint {path} does not exist; pass a run directory or a step_* checkpoint."
         )
     if not (path / METADATA_FILE).is_file():
-        latest = latest_checkpoint(path)
+        latest = resumable_checkpoint(path)
         if latest is None:
             raise CheckpointError(
                 f"--checkpoint {path} holds no complete checkpoint (no step_*/{METADATA_FILE}); "
                 "pass a run directory of the experiment or one of its step_* directories."
             )
         path = latest
-    try:
-        metadata = json.loads((path / METADATA_FILE).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path / METADATA_FILE} is corrupt (not valid JSON: {e}).") from None
-    if not isinstance(metadata, dict) or "experiment" not in metadata:
+    metadata = read_checkpoint_metadata(path)
+    if "experiment" not in metadata:
         raise CheckpointError(
             f"{path / METADATA_FILE} lacks the experiment configuration; sample from a "
             "checkpoint written by the experiment (experiments/*_fewshot.py)."

@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import re
+import shutil
 from pathlib import Path
 
+import equinox as eqx
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
 
+from fsdm_eqx.data import load_dataset, make_sampler
 from fsdm_eqx.experiment import PRESETS, ExperimentConfig, main
-from fsdm_eqx.train import latest_checkpoint
+from fsdm_eqx.sample import load_ema_model
+from fsdm_eqx.train import fsdm_loss_fn, latest_checkpoint
 from tests.conftest import shared_path
+from tests.test_instrument_wandb import _history
 
 
 def _smoke_args(run_dir: Path) -> list[str]:
@@ -70,6 +78,28 @@ def test_smoke_end_to_end(smoke_run: tuple[list[str], Path, str]) -> None:
     assert latest_checkpoint(run_dir) is not None
 
 
+def test_smoke_eval_loss_is_the_ema_models_validation_loss(
+    smoke_run: tuple[list[str], Path, str],
+) -> None:
+    """The logged eval_loss, recomputed from the final checkpoint's EMA weights on the same
+    validation sets: the mean of the per-set training loss in evaluation mode."""
+    _, run_dir, _ = smoke_run
+    ema, config, step = load_ema_model(run_dir)
+    assert step == config.run.num_steps and ema.inference
+    data, split = load_dataset(config.data)
+    val = dataclasses.replace(config.data, split="val", flips=False, prefetch=0)
+    sampler = make_sampler(val, data, split)
+    eval_key = jax.random.split(jax.random.PRNGKey(config.run.seed), 3)[2]
+    loss_fn = eqx.filter_jit(jax.vmap(fsdm_loss_fn(config.diffusion), in_axes=(None, 0, 0)))
+    losses = []
+    for i in range(config.eval_loss_batches):
+        sets = jnp.asarray(sampler.batch(i)[0])
+        keys = jax.random.split(jax.random.fold_in(eval_key, i), sets.shape[0])
+        losses.append(np.asarray(loss_fn(ema, sets, keys)[0], np.float64).mean())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    np.testing.assert_allclose(metrics["eval_loss"], np.mean(losses), rtol=1e-5)
+
+
 def test_smoke_logs_images_visuals_and_wandb_offline(
     smoke_run: tuple[list[str], Path, str],
 ) -> None:
@@ -106,7 +136,12 @@ def test_smoke_logs_images_visuals_and_wandb_offline(
     metrics = json.loads((run_dir / "metrics.json").read_text())
     (scores,) = [r for r in records if "fid" in r]
     assert scores["fid"] == pytest.approx(metrics["fid"])
-    assert scores["kid"] == pytest.approx(metrics["kid_mean"])
+    # One name per figure: W&B and metrics.json both say kid_mean (and no bare kid).
+    for name in ("kid_mean", "kid_std", "precision", "recall"):
+        assert scores[name] == pytest.approx(metrics[name]), name
+    assert "kid" not in scores and "kid" not in metrics
+    logged = {key for row in _history(run_dir).values() for key in row}
+    assert {"fid", "kid_mean", "kid_std"} <= logged and "kid" not in logged
     names = json.loads((run_dir / "config.json").read_text())["class_split"]["test"]
     per_class = {k.removeprefix("fid/") for k in scores if k.startswith("fid/")}
     assert per_class and per_class <= set(names)
@@ -161,6 +196,43 @@ def test_rerun_resumes(smoke_run: tuple[list[str], Path, str]) -> None:
     assert [line["step"] for line in lines if "loss" in line] == list(range(5, steps + 6, 5))
 
 
+def _overwrite_a_few_bytes(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[1:5] = b"}{!x"  # as a disk or an editor might: the JSON is no longer valid
+    path.write_bytes(bytes(data))
+
+
+def test_rerun_skips_a_damaged_checkpoint(
+    smoke_run: tuple[list[str], Path, str], tmp_path: Path
+) -> None:
+    _, run_dir, _ = smoke_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    steps = sorted(int(p.name[len("step_") :]) for p in copy.glob("step_*"))
+    newest = copy / f"step_{steps[-1]:08d}"
+    _overwrite_a_few_bytes(newest / "metadata.json")
+    cheap = ["--no-fid", "--no-probe", "--visual-sets", "0", "--run.sample-every", "0"]
+    argv = [*_smoke_args(copy), *cheap, "--run.wandb", "disabled"]
+    with pytest.warns(UserWarning, match="damaged") as caught:
+        main([*argv, "--run.num-steps", str(steps[-1])])
+    assert any(str(newest / "metadata.json") in str(w.message) for w in caught)
+    metrics = json.loads((copy / "metrics.json").read_text())
+    assert metrics["resumed_from"] == steps[-2] and metrics["step"] == steps[-1]
+
+
+def test_only_damaged_checkpoints_are_a_one_line_error(tmp_path: Path) -> None:
+    damaged = tmp_path / "run" / "step_00000005"
+    damaged.mkdir(parents=True)
+    (damaged / "metadata.json").write_text('{"step": 5, "state_sha256": "00"')
+    (damaged / "state.eqx").write_bytes(b"\0" * 8)
+    with pytest.raises(SystemExit) as info:
+        main(_smoke_args(tmp_path / "run"))
+    message = str(info.value.code)
+    assert message.startswith("error: ") and "\n" not in message
+    assert str(damaged / "metadata.json") in message and "delete them" in message
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
 def test_help_lists_fields_with_defaults(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         main(["--help"])
@@ -182,7 +254,7 @@ def test_preset_and_overrides(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "default: dit" in out
     paper = PRESETS["paper-cifar100"]
-    assert paper.model.denoiser == "unet" and paper.model.variational
+    assert paper.model.denoiser == "unet" and not paper.model.variational
     assert paper.diffusion.num_steps == 1000 and paper.diffusion.schedule == "linear"
     assert paper.diffusion.learned_variance
     assert paper.optim.lr == 1e-4 and paper.optim.ema_decay == 0.995

@@ -9,6 +9,7 @@ import pytest
 
 from fsdm_eqx.config import EvalConfig
 from fsdm_eqx.metrics.fewshot import (
+    distro_label,
     draw_support_sets,
     fewshot_fid,
     generate_for_sets,
@@ -96,7 +97,9 @@ def test_generation_keys_do_not_depend_on_the_batch_size():
 
 def test_a_generator_that_copies_its_support_scores_perfectly(dataset):
     images, labels = dataset
-    result = fewshot_fid(copy_support, images, labels, config=CONFIG, features_fn=_pixels)
+    result = fewshot_fid(
+        copy_support, images, labels, seen_in_training=False, config=CONFIG, features_fn=_pixels
+    )
     assert abs(result.fid) < 1e-8
     assert abs(result.kid_mean) < 2 * result.kid_std  # consistent with zero
     assert (result.precision, result.recall) == (1.0, 1.0)
@@ -117,7 +120,11 @@ def test_figures_degrade_with_the_generator(dataset):
         def noisy(support, key, sigma=sigma):
             return support + HALF_LEVEL + sigma * jax.random.normal(key, support.shape)
 
-        results.append(fewshot_fid(noisy, images, labels, config=CONFIG, features_fn=_pixels))
+        results.append(
+            fewshot_fid(
+                noisy, images, labels, seen_in_training=False, config=CONFIG, features_fn=_pixels
+            )
+        )
     good, bad = results
     assert 0 < good.fid < bad.fid
     assert good.kid_mean < bad.kid_mean
@@ -134,20 +141,54 @@ def test_class_blind_generator_is_caught_per_class(dataset):
         return jnp.full(support.shape, float(grey[0]) / 127.5 - 1.0) + noise
 
     result = fewshot_fid(
-        always_class_20, images, labels, config=CONFIG, features_fn=_pixels, distro="in-distro"
+        always_class_20, images, labels, seen_in_training=True, config=CONFIG, features_fn=_pixels
     )
     others = [result.fid_per_class[c] for c in (21, 22, 23)]
     assert result.fid_per_class[20] < 0.1 * min(others)
     assert result.distro == "in-distro"
 
 
+def test_the_label_says_whether_the_classes_were_seen_in_training(dataset):
+    """Training classes are labelled in-distribution, unseen ones out-of-distribution; there is
+    no default that could mislabel one as the other."""
+    images, labels = dataset
+    seen = fewshot_fid(
+        copy_support, images, labels, seen_in_training=True, config=CONFIG, features_fn=_pixels
+    )
+    assert seen.distro == "in-distro" and json.loads(seen.to_json())["distro"] == "in-distro"
+    unseen = fewshot_fid(
+        copy_support, images, labels, seen_in_training=False, config=CONFIG, features_fn=_pixels
+    )
+    assert unseen.distro == "out-distro"
+    with pytest.raises(TypeError, match="seen_in_training"):
+        fewshot_fid(copy_support, images, labels, config=CONFIG, features_fn=_pixels)
+    assert distro_label(True) == "in-distro" and distro_label(False) == "out-distro"
+    with pytest.raises(TypeError, match="seen_in_training"):
+        distro_label("train")
+
+
 def test_bad_input_is_explained(dataset):
     images, labels = dataset
     big_sets = EvalConfig(num_sets=4, ns=61)
     with pytest.raises(ValueError, match="fewer than ns=61; lower ns"):
-        fewshot_fid(copy_support, images, labels, config=big_sets, features_fn=_pixels)
+        fewshot_fid(
+            copy_support,
+            images,
+            labels,
+            seen_in_training=False,
+            config=big_sets,
+            features_fn=_pixels,
+        )
     with pytest.raises(ValueError, match="no classes"):
-        fewshot_fid(copy_support, images, labels, config=CONFIG, features_fn=_pixels, classes=[])
+        fewshot_fid(
+            copy_support,
+            images,
+            labels,
+            seen_in_training=False,
+            config=CONFIG,
+            features_fn=_pixels,
+            classes=[],
+        )
 
 
 @pytest.mark.slow
@@ -168,7 +209,7 @@ def test_default_features_are_the_fid_inception():
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # 6 images: singular covariances
-        result = fewshot_fid(darker, images, labels, config=config)
+        result = fewshot_fid(darker, images, labels, seen_in_training=False, config=config)
         model = load_inception(weights)
         sets = draw_support_sets(labels, [0, 1], num_sets=2, ns=3, seed=1)
         real = images[sets.indices].reshape(-1, 3, 32, 32)
@@ -246,8 +287,12 @@ def test_the_fsdm_model_plugs_into_every_protocol():
     def embed(x_set):
         return model.context(x_set, inference=True).c
 
-    fid = fewshot_fid(generate, images, labels, config=config, features_fn=_pixels)
-    bpd = fewshot_likelihood(condition, images, labels, diffusion=diffusion, config=config)
+    fid = fewshot_fid(
+        generate, images, labels, seen_in_training=False, config=config, features_fn=_pixels
+    )
+    bpd = fewshot_likelihood(
+        condition, images, labels, diffusion=diffusion, config=config, seen_in_training=False
+    )
     probe = fewshot_probe(embed, images, labels, ns=4, num_episodes=1, queries_per_class=3)
     assert np.isfinite(fid.fid) and fid.num_generated == 12 and fid.num_real == 24
     assert np.isfinite(bpd.bpd) and bpd.bpd > 0 and bpd.num_images == 12

@@ -180,13 +180,19 @@ def test_fewshot_likelihood_rewards_the_right_context():
         return gaussian_model(abar_full, jnp.float32(120 / 127.5 - 1), False)
 
     condition = conditional_gaussian(abar_full)
-    fewshot = fewshot_likelihood(condition, images, labels, diffusion=diffusion, config=config)
-    blind = fewshot_likelihood(class_blind, images, labels, diffusion=diffusion, config=config)
+    fewshot = fewshot_likelihood(
+        condition, images, labels, diffusion=diffusion, config=config, seen_in_training=False
+    )
+    blind = fewshot_likelihood(
+        class_blind, images, labels, diffusion=diffusion, config=config, seen_in_training=False
+    )
     assert fewshot.bpd < blind.bpd
     assert fewshot.num_images == 24 and fewshot.num_steps == 8 and fewshot.training_steps == T
     assert len(fewshot.vb_per_step) == 8 and fewshot.decoder_bpd == fewshot.vb_per_step[0]
     np.testing.assert_allclose(fewshot.bpd, sum(fewshot.vb_per_step) + fewshot.prior_bpd, rtol=1e-6)
     assert fewshot.distro == "out-distro" and fewshot.classes == (5, 6, 7)
-    again = fewshot_likelihood(condition, images, labels, diffusion=diffusion, config=config)
-    assert again.bpd == fewshot.bpd
+    again = fewshot_likelihood(
+        condition, images, labels, diffusion=diffusion, config=config, seen_in_training=True
+    )
+    assert again.bpd == fewshot.bpd and again.distro == "in-distro"  # the label only
     assert '"num_images": 24' in fewshot.to_json()

@@ -49,7 +49,13 @@ def test_invalid_configs_raise_one_clear_error(changes, match):
 
 
 def test_presets():
-    assert set(MODEL_PRESETS) == {"paper-cifar100", "dit-s-cifar100", "smoke"}
+    assert set(MODEL_PRESETS) == {
+        "paper-cifar100",
+        "vfsddpm_cifar100_vit_film_mean_sigma",
+        "vfsddpm_cifar100_vit_lag_meanpatch_sigma",
+        "dit-s-cifar100",
+        "smoke",
+    }
     paper = model_preset("paper-cifar100")
     assert (paper.encoder, paper.pooling, paper.conditioning, paper.denoiser) == (
         "vit",
@@ -57,7 +63,12 @@ def test_presets():
         "film",
         "unet",
     )
-    assert paper.variational and paper.learned_variance and paper.out_channels == 6
+    # The reference's run of this name has a deterministic context ("_sigma": learned variance).
+    assert not paper.variational and paper.learned_variance and paper.out_channels == 6
+    assert model_preset("vfsddpm_cifar100_vit_film_mean_sigma") == paper
+    best = model_preset("vfsddpm_cifar100_vit_lag_meanpatch_sigma")
+    assert (best.pooling, best.conditioning, best.variational) == ("mean_patch", "lag", False)
+    assert dataclasses.replace(best, pooling="mean", conditioning="film") == paper
     assert (paper.hdim, paper.encoder_depth, paper.encoder_heads, paper.encoder_head_dim) == (
         256,
         6,
@@ -87,7 +98,9 @@ def _reference_vit_count(dim, depth, heads, head_dim, mlp, patch_dim, patches, t
     )
 
 
-@pytest.mark.parametrize("name", ["paper-cifar100", "dit-s-cifar100"])
+@pytest.mark.parametrize(
+    "name", ["paper-cifar100", "vfsddpm_cifar100_vit_lag_meanpatch_sigma", "dit-s-cifar100"]
+)
 def test_preset_parameter_counts(name):
     """Counted on abstract shapes (`eqx.filter_eval_shape`): nothing is allocated."""
     config = model_preset(name)
@@ -96,9 +109,18 @@ def test_preset_parameter_counts(name):
     expected = _reference_vit_count(256, 6, 12, 64, 256, 3 * 8 * 8, 16, 256)
     assert expected == REFERENCE_ENCODER
     assert counts["encoder"] == REFERENCE_ENCODER
-    assert counts["posterior"] == (256 * 256 + 256) + (256 * 512 + 512)
+    assert counts["posterior"] == 0  # deterministic contexts
+    variational = count_parameters(
+        eqx.filter_eval_shape(
+            FSDM, dataclasses.replace(config, variational=True), key=jax.random.key(0)
+        )
+    )
+    assert variational["posterior"] == (256 * 256 + 256) + (256 * 512 + 512)
     if name == "paper-cifar100":
         assert counts["denoiser"] == REFERENCE_UNET
+    elif name == "vfsddpm_cifar100_vit_lag_meanpatch_sigma":
+        # LAG replaces FiLM's per-block projections by cross-attention over the 16 patch tokens.
+        assert counts["denoiser"] > 0 and counts["null_context"] == 16 * 256
     else:
         d, p = 384, 2
         block = 18 * d * d + 15 * d  # attention 4d^2+4d, MLP 8d^2+5d, adaLN 6d^2+6d

@@ -13,10 +13,13 @@ import fsdm_eqx.train.checkpoint as checkpoint_module
 from fsdm_eqx.config import OptimConfig
 from fsdm_eqx.train import (
     CheckpointError,
+    DamagedCheckpointError,
     TrainState,
     init_train_state,
     latest_checkpoint,
+    read_checkpoint_metadata,
     restore_checkpoint,
+    resumable_checkpoint,
     save_checkpoint,
 )
 from tests.train_fixtures import TinyModel
@@ -142,6 +145,59 @@ def test_corrupt_metadata(state, tmp_path):
     with pytest.raises(CheckpointError) as error:
         restore_checkpoint(path, like=state)
     assert "checksum" in _one_sentence(error, path / "metadata.json")
+
+
+def test_run_directory_skips_damaged_checkpoints_naming_them(state, tmp_path):
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, _at_step(state, step), metadata={})
+    truncated = tmp_path / "step_00000003" / "state.eqx"
+    truncated.write_bytes(truncated.read_bytes()[:-10])
+    garbled = tmp_path / "step_00000002" / "metadata.json"
+    data = bytearray(garbled.read_bytes())
+    data[1:5] = b"}{!x"
+    garbled.write_bytes(bytes(data))
+    with pytest.warns(UserWarning) as caught:
+        assert resumable_checkpoint(tmp_path) == tmp_path / "step_00000001"
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 2 and str(truncated) in messages[0] and str(garbled) in messages[1]
+    assert all("resuming from the older" in m and "step_00000001" in m for m in messages)
+    with pytest.warns(UserWarning, match="damaged"):
+        restored, _ = restore_checkpoint(tmp_path, like=state)
+    assert int(restored.step) == 1
+    # The damaged checkpoint itself is one error naming the file and what to do.
+    with pytest.raises(DamagedCheckpointError) as error:
+        restore_checkpoint(tmp_path / "step_00000002", like=state)
+    assert "delete it" in _one_sentence(error, garbled)
+
+
+def test_only_damaged_checkpoints_are_one_error(state, tmp_path):
+    path = save_checkpoint(tmp_path, state, metadata={})
+    (path / "state.eqx").write_bytes((path / "state.eqx").read_bytes()[:-10])
+    with pytest.raises(CheckpointError) as error:
+        resumable_checkpoint(tmp_path)
+    message = _one_sentence(error, path / "state.eqx")
+    assert "only damaged checkpoints" in message and "delete them" in message
+    with pytest.raises(CheckpointError, match="only damaged checkpoints"):
+        restore_checkpoint(tmp_path, like=state)
+
+
+def test_metadata_of_another_step_is_damaged(state, tmp_path):
+    path = save_checkpoint(tmp_path, state, metadata={})
+    assert read_checkpoint_metadata(path)["step"] == 7
+    meta = path / "metadata.json"
+    meta.write_text(meta.read_text().replace('"step": 7', '"step": 9'))
+    with pytest.raises(DamagedCheckpointError) as error:
+        read_checkpoint_metadata(path)
+    assert "records step 9" in _one_sentence(error, meta)
+
+
+def test_checkpoint_of_an_older_format_is_one_error(state, tmp_path):
+    path = save_checkpoint(tmp_path, state, metadata={})
+    meta = path / "metadata.json"
+    meta.write_text(meta.read_text().replace('"format_version": 2', '"format_version": 1'))
+    with pytest.raises(CheckpointError) as error:
+        restore_checkpoint(path, like=state)
+    assert "format 1" in _one_sentence(error, path / "state.eqx")
 
 
 def test_incompatible_model(state, tmp_path):

@@ -18,6 +18,7 @@ from PIL import Image
 from fsdm_eqx.config import OptimConfig, RunConfig
 from fsdm_eqx.instrument import ConsoleSink, JsonlSink, MultiSink, Sink, Visuals
 from fsdm_eqx.train import (
+    CheckpointError,
     NonFiniteError,
     TrainState,
     init_train_state,
@@ -199,6 +200,82 @@ def test_resume_continues_exactly(tmp_path, step_fn, capsys):
     assert int(resumed.step) == 10
     for a, b in zip(leaves(resumed), leaves(straight), strict=True):
         assert np.array_equal(a, b)
+
+
+COSINE = OptimConfig(lr=1e-2, lr_schedule="cosine", ema_start=0, ema_every=1)
+
+
+def _cosine_lrs(run_dir: pathlib.Path, num_steps: int, total_steps: int) -> dict[int, float]:
+    """The logged learning rate of each step of a cosine run as the main job builds it."""
+    key = jax.random.key(0)
+    state = init_train_state(
+        TinyModel(key), COSINE, key=jax.random.fold_in(key, 1), total_steps=total_steps
+    )
+    sink = RecordingSink()
+    train(
+        state,
+        make_train_step(tiny_loss, COSINE, total_steps=total_steps),
+        batch_fn,
+        config=RunConfig(
+            run_dir=str(run_dir),
+            num_steps=num_steps,
+            log_every=1,
+            eval_every=0,
+            save_every=4,
+            progress=False,
+        ),
+        sink=sink,
+    )
+    return {step: metrics["Optim/lr"] for step, metrics in sink.logs}
+
+
+def test_resume_with_more_steps_keeps_the_lr_schedule(tmp_path):
+    straight = _cosine_lrs(tmp_path / "straight", num_steps=8, total_steps=8)
+    _cosine_lrs(tmp_path / "resumed", num_steps=4, total_steps=8)
+    with pytest.warns(UserWarning, match="schedule") as caught:
+        resumed = _cosine_lrs(tmp_path / "resumed", num_steps=12, total_steps=16)
+    assert "8" in str(caught[0].message) and "16" in str(caught[0].message)
+    # No jump at the resumed step: the schedule still ends at step 8 and stays at 0 after it.
+    assert [resumed[s] for s in range(5, 9)] == [straight[s] for s in range(5, 9)]
+    assert straight[5] > 0 and [resumed[s] for s in range(9, 13)] == [0.0] * 4
+
+
+def _damage(checkpoint: pathlib.Path, part: str) -> pathlib.Path:
+    """Truncate the state file or overwrite a few bytes of the metadata; returns the file."""
+    if part == "state":
+        path = checkpoint / "state.eqx"
+        path.write_bytes(path.read_bytes()[:-10])
+    else:
+        path = checkpoint / "metadata.json"
+        data = bytearray(path.read_bytes())
+        data[1:5] = b"}{!x"  # the JSON is no longer valid
+        path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("part", ["state", "metadata"])
+def test_resume_skips_a_damaged_checkpoint(tmp_path, step_fn, capsys, part):
+    straight = run(tmp_path / "straight", step_fn, num_steps=10)
+    run(tmp_path / "resumed", step_fn, num_steps=8)
+    newest = tmp_path / "resumed" / "step_00000008"
+    damaged = _damage(newest, part)
+    capsys.readouterr()
+    with pytest.warns(UserWarning, match="damaged") as caught:
+        resumed = run(tmp_path / "resumed", step_fn, num_steps=10)
+    assert str(damaged) in str(caught[0].message) or str(newest) in str(caught[0].message)
+    assert f"Resuming from {tmp_path / 'resumed' / 'step_00000004'}" in capsys.readouterr().err
+    for a, b in zip(leaves(resumed), leaves(straight), strict=True):
+        assert np.array_equal(a, b)
+
+
+def test_resume_refuses_when_every_checkpoint_is_damaged(tmp_path, step_fn):
+    run(tmp_path, step_fn, num_steps=4)
+    damaged = _damage(tmp_path / "step_00000004", "state")
+    with pytest.raises(CheckpointError) as error:
+        run(tmp_path, step_fn, num_steps=6)
+    message = str(error.value)
+    assert str(damaged) in message and "delete" in message and "\n" not in message
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000004"]
 
 
 def test_progress_bar(tmp_path, step_fn, capsys):

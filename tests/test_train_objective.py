@@ -14,7 +14,7 @@ from fsdm_eqx import DiffusionConfig
 from fsdm_eqx.config import OptimConfig, model_preset
 from fsdm_eqx.diffusion import make_schedule
 from fsdm_eqx.nn import FSDM
-from fsdm_eqx.nn.dit import ADALN_PARTS
+from fsdm_eqx.nn.dit import ADALN_PARTS, DiT
 from fsdm_eqx.train import fsdm_loss_fn, init_train_state, make_train_step
 
 CONFIG = model_preset("smoke")
@@ -96,3 +96,58 @@ def test_fsdm_context_grad_norm_matches_jax_grad_over_a_context_offset(run) -> N
     expected = np.mean(np.linalg.norm(grads.reshape(grads.shape[0], -1), axis=1))
     assert expected > 0
     assert history[2]["debug/context_grad_norm"] == pytest.approx(expected, rel=1e-4)
+
+
+def _l2(tree) -> float:
+    """The L2 norm of a PyTree's floating-point arrays together, in numpy float64."""
+    leaves = jax.tree_util.tree_leaves(eqx.filter(tree, eqx.is_inexact_array))
+    return float(np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in leaves)))
+
+
+def test_fsdm_with_a_dit_logs_the_spec_names(run) -> None:
+    """`debug/grad_norm_dit` and `debug/param_norm_dit` for the DiT denoiser, beside the
+    generic `_denoiser` names."""
+    _, _, before, _, history = run
+    assert isinstance(before.model.denoiser, DiT)
+    metrics = history[2]
+    for kind in ("grad_norm", "param_norm"):
+        assert metrics[f"debug/{kind}_dit"] == metrics[f"debug/{kind}_denoiser"]
+    assert metrics["debug/param_norm_dit"] == pytest.approx(_l2(before.model.denoiser), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_fsdm_spec_metrics_match_numpy(run) -> None:
+    """The context statistics and the DiT's gradient norm of step 3, against numpy on the
+    contexts and gradient of the same losses (the step's keys, a zero context offset)."""
+    batch, _, before, _, history = run
+    schedule = make_schedule(DIFFUSION.schedule, DIFFUSION.num_steps)
+    _, step_key = jax.random.split(before.key)
+    keys = jax.random.split(step_key, batch.shape[0])
+    offsets = jnp.zeros((batch.shape[0], CONFIG.ns, CONFIG.hdim))
+
+    @eqx.filter_jit
+    def grads_and_contexts(model, batch, keys):
+        def mean_loss(model):
+            def one(x_set, key, offset):
+                out = model.loss(
+                    x_set,
+                    key=key,
+                    diffusion_config=DIFFUSION,
+                    schedule=schedule,
+                    context_offset=offset,
+                )
+                return out["loss"], out["context"]
+
+            losses, contexts = jax.vmap(one)(batch, keys, offsets)
+            return jnp.mean(losses), contexts
+
+        return eqx.filter_grad(mean_loss, has_aux=True)(model)
+
+    grads, contexts = grads_and_contexts(before.model, jnp.asarray(batch), keys)
+    metrics = history[2]
+    assert metrics["debug/grad_norm_dit"] == pytest.approx(_l2(grads.denoiser), rel=1e-4)
+    c = np.asarray(contexts, np.float64).ravel()
+    assert metrics["debug/context_norm"] == pytest.approx(np.sqrt(np.sum(c**2)), rel=1e-5)
+    assert metrics["debug/context_mean"] == pytest.approx(np.mean(np.abs(c)), rel=1e-5)
+    assert metrics["debug/context_max"] == pytest.approx(np.max(np.abs(c)), rel=1e-5)
+    assert metrics["debug/context_std"] == pytest.approx(np.std(c), rel=1e-4)

@@ -6,6 +6,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from fsdm_eqx.config import OptimConfig
@@ -53,15 +54,28 @@ def test_subtree_norms_match_numpy_on_a_known_tree() -> None:
     assert float(norms["g"]) == pytest.approx(np.sqrt(25 + 8))
 
 
-def test_context_statistics_match_numpy() -> None:
-    c = np.random.default_rng(0).normal(size=(6, 5)).astype(np.float32)
-    stats = context_statistics(jnp.asarray(c))
-    assert float(stats["debug/context_norm"]) == pytest.approx(
-        np.linalg.norm(c, axis=-1).mean(), rel=1e-5
+def _spec_context_statistics(c: np.ndarray) -> dict[str, float]:
+    """The W&B metrics spec's definitions, in numpy float64: the L2 norm of the whole context
+    array, mean |c|, max |c| and std of its entries."""
+    c = np.asarray(c, np.float64).ravel()
+    return {
+        "debug/context_norm": float(np.sqrt(np.sum(c**2))),
+        "debug/context_mean": float(np.mean(np.abs(c))),
+        "debug/context_max": float(np.max(np.abs(c))),
+        "debug/context_std": float(np.std(c)),
+    }
+
+
+def test_context_statistics_are_the_spec_definitions() -> None:
+    # A shifted context: the signed mean and the mean of |c| differ.
+    c = (np.random.default_rng(0).normal(size=(4, 6, 5)) - 0.3).astype(np.float32)
+    stats = {k: float(v) for k, v in context_statistics(jnp.asarray(c)).items()}
+    for name, value in _spec_context_statistics(c).items():
+        assert stats[name] == pytest.approx(value, rel=1e-5), name
+    assert stats["debug/context_vector_norm"] == pytest.approx(
+        np.linalg.norm(c.astype(np.float64), axis=-1).mean(), rel=1e-5
     )
-    assert float(stats["debug/context_mean"]) == pytest.approx(c.mean(), abs=1e-6)
-    assert float(stats["debug/context_max"]) == pytest.approx(np.abs(c).max())
-    assert float(stats["debug/context_std"]) == pytest.approx(c.std(), rel=1e-4)
+    assert stats["debug/context_signed_mean"] == pytest.approx(c.mean(), abs=1e-6)
 
 
 def test_step_trains_and_reports_every_metric() -> None:
@@ -74,7 +88,9 @@ def test_step_trains_and_reports_every_metric() -> None:
         "debug/grad_norm", "debug/grad_norm_encoder", "debug/grad_norm_denoiser",
         "debug/param_norm", "debug/param_norm_encoder", "debug/param_norm_denoiser",
         "debug/context_norm", "debug/context_mean", "debug/context_max", "debug/context_std",
+        "debug/context_vector_norm", "debug/context_signed_mean",
         "debug/context_grad_norm", "Optim/lr", "Optim/update_global_norm", "Optim/ema_decay",
+        "Optim/grad_global_norm", "Optim/param_global_norm",
         "debug/grad_param_ratio", "debug/grad_param_ratio_encoder",
         "debug/grad_param_ratio_denoiser",
     }  # fmt: skip
@@ -254,9 +270,114 @@ def test_context_grad_norm_matches_a_closure_over_the_context() -> None:
     assert history[0]["debug/context_grad_norm"] == pytest.approx(expected, rel=1e-5)
 
 
+def test_step_logs_the_spec_metrics_of_its_batch() -> None:
+    """The context statistics and the global norms of a step, against numpy computations of
+    the spec's formulas on the batch's contexts, gradient and parameters."""
+    config = OptimConfig(lr=1e-2)
+    initial, _, history = run(config, steps=1)
+    metrics = history[0]
+    batch = jnp.asarray(tiny_batches(1)[0])
+    contexts = np.asarray(jax.vmap(lambda x: tiny_context(initial.model, x))(batch))
+    assert contexts.shape == (8, 1, 3)
+    for name, value in _spec_context_statistics(contexts).items():
+        assert metrics[name] == pytest.approx(value, rel=1e-5), name
+    assert metrics["debug/context_max"] / metrics["debug/context_mean"] < 5
+
+    _, step_key = jax.random.split(initial.key)
+    keys = jax.random.split(step_key, batch.shape[0])
+    params, static = eqx.partition(initial.model, eqx.is_inexact_array)
+
+    def mean_loss(params):
+        model = eqx.combine(params, static)
+        return jnp.mean(jax.vmap(lambda x, k: tiny_loss(model, x, k)[0])(batch, keys))
+
+    grads = jax.grad(mean_loss)(params)
+
+    def l2(tree) -> float:
+        leaves = [np.asarray(x, np.float64) for x in jax.tree_util.tree_leaves(tree)]
+        return float(np.sqrt(sum(np.sum(x**2) for x in leaves)))
+
+    assert metrics["Optim/param_global_norm"] == pytest.approx(l2(params), rel=1e-5)
+    assert metrics["Optim/grad_global_norm"] == pytest.approx(l2(grads), rel=1e-4)
+    assert metrics["Optim/grad_global_norm"] > 0
+    assert "debug/grad_norm_dit" not in metrics  # the tiny model's denoiser is no DiT
+
+
 def test_loss_reporting_a_context_must_take_the_offset() -> None:
     def no_offset(model, x_set, key):
         return tiny_loss(model, x_set, key)
 
     with pytest.raises(TypeError, match="context_offset"):
         run(OptimConfig(), steps=1, loss_fn=no_offset)
+
+
+def _poisoned(model, x_set, key, *, context_offset=None):
+    """`tiny_loss`, NaN on a set holding a value above 100 (a batch made non-finite on purpose)."""
+    loss, aux = tiny_loss(model, x_set, key, context_offset=context_offset)
+    return jnp.where(jnp.any(x_set > 100.0), jnp.nan, loss), aux
+
+
+def _optax_counts(opt_state) -> set[int]:
+    """Every update count optax keeps in ``opt_state`` (they count the applied updates)."""
+    return {int(v) for _, v in optax.tree_utils.tree_get_all_with_path(opt_state, "count")}
+
+
+def test_logged_lr_is_the_one_optax_applies_after_a_skipped_step() -> None:
+    config = OptimConfig(lr=1e-2, warmup_steps=4, skip_nonfinite=True)
+    schedule = learning_rate_schedule(config, total_steps=10)
+    state = init_train_state(
+        TinyModel(jax.random.key(0)), config, key=jax.random.key(1), total_steps=10
+    )
+    step = make_train_step(_poisoned, config, total_steps=10)
+    batches = [jnp.asarray(b) for b in tiny_batches(4)]
+    batches[1] = batches[1].at[0, 0, 0].set(1e3)
+    logged, applied, skipped = [], [], []
+    for batch in batches:
+        (count,) = _optax_counts(state.opt_state)
+        applied.append(float(schedule(count)))
+        state, metrics = step(state, batch)
+        logged.append(float(metrics["Optim/lr"]))
+        skipped.append(float(metrics["debug/nonfinite"]))
+    assert skipped == [0.0, 1.0, 0.0, 0.0]
+    assert _optax_counts(state.opt_state) == {3}
+    # The third step applies the schedule's second value, not its third.
+    assert logged == pytest.approx(applied) and logged[2] == pytest.approx(0.25e-2)
+
+
+def test_update_norm_of_a_skipped_step_is_zero() -> None:
+    config = OptimConfig(lr=1e-2, skip_nonfinite=True)
+    state = init_train_state(
+        TinyModel(jax.random.key(0)), config, key=jax.random.key(1), total_steps=10
+    )
+    step = make_train_step(_poisoned, config, total_steps=10)
+    batch = jnp.asarray(tiny_batches(1)[0])
+    _, metrics = step(state, batch.at[0, 0, 0].set(1e3))
+    assert float(metrics["debug/nonfinite"]) == 1.0
+    assert float(metrics["Optim/update_global_norm"]) == 0.0
+    assert float(metrics["debug/update_norm"]) == 0.0
+
+
+def test_first_update_after_a_skip_moves_by_the_logged_lr() -> None:
+    """Adam's first update is about lr per coordinate: the parameters show the lr applied."""
+    config = OptimConfig(lr=1e-3, lr_schedule="cosine", skip_nonfinite=True)
+    state = init_train_state(
+        TinyModel(jax.random.key(0)), config, key=jax.random.key(1), total_steps=2
+    )
+    step = make_train_step(_poisoned, config, total_steps=2)
+    batch = jnp.asarray(tiny_batches(1)[0])
+    state, _ = step(state, batch.at[0, 0, 0].set(1e3))
+    before = np.asarray(state.model.denoiser.weight)
+    state, metrics = step(state, batch)
+    moved = np.abs(np.asarray(state.model.denoiser.weight) - before)
+    assert float(metrics["Optim/lr"]) == pytest.approx(1e-3)
+    assert np.median(moved) == pytest.approx(float(metrics["Optim/lr"]), rel=0.05)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_first_step_learns_without_warmup(schedule: str) -> None:
+    config = OptimConfig(lr=1e-3, lr_schedule=schedule)
+    assert float(learning_rate_schedule(config, total_steps=100)(0)) == pytest.approx(1e-3)
+    initial, state, history = run(config, steps=1)
+    assert history[0]["Optim/lr"] == pytest.approx(1e-3)
+    moved = np.abs(np.asarray(state.model.denoiser.weight - initial.model.denoiser.weight))
+    assert np.median(moved) == pytest.approx(1e-3, rel=0.05)

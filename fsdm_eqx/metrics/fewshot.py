@@ -4,7 +4,8 @@ Protocol (the reference code's ``sample_conditional.py`` + ``metrics/metrics.py`
 evaluator, CIFAR-100 with the FC100-style 60/20/20 class split):
 
 1. Support sets of ``ns = 5`` real images, each of one class, are drawn at random from the
-   evaluated classes: the test classes ("out-distro") or the training classes ("in-distro").
+   evaluated classes: classes unseen in training, such as the test classes ("out-distro"), or
+   the training classes ("in-distro"); the caller says which (``seen_in_training``).
 2. From each set, ``samples_per_set = 5`` images are generated conditioned on it (EMA weights,
    250 respaced DDPM steps by default; any sampler, as the injected ``generate`` does it).
 3. 2000 sets give 10,000 generated images, compared with the 10,000 pooled real images of the
@@ -45,7 +46,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import jax
 import jax.numpy as jnp
@@ -64,6 +65,7 @@ from .fid import (
 __all__ = [
     "FewShotFIDResult",
     "SupportSets",
+    "distro_label",
     "draw_support_sets",
     "fewshot_fid",
     "generate_for_sets",
@@ -117,6 +119,16 @@ class FewShotFIDResult:
     def to_json(self) -> str:
         """The result as a JSON string."""
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def distro_label(seen_in_training: bool) -> Distro:
+    """``"in-distro"`` for classes seen in training, ``"out-distro"`` for unseen ones."""
+    if not isinstance(cast(object, seen_in_training), bool):  # a split name, say
+        raise TypeError(
+            f"seen_in_training={seen_in_training!r} is not allowed; it must be True (training "
+            "classes) or False (unseen classes)."
+        )
+    return "in-distro" if seen_in_training else "out-distro"
 
 
 def to_uint8(images: Float[np.ndarray, "*shape"]) -> UInt8[np.ndarray, "*shape"]:
@@ -254,9 +266,9 @@ def fewshot_fid(
     images: UInt8[np.ndarray, "n c h w"],
     labels: Integer[np.ndarray, " n"],
     *,
+    seen_in_training: bool,
     config: EvalConfig | None = None,
     classes: Sequence[int] | None = None,
-    distro: Distro = "out-distro",
     features_fn: FeatureFn | None = None,
     features_name: str | None = None,
     devices: Sequence[Any] | None = None,
@@ -273,8 +285,9 @@ def fewshot_fid(
     - `config`: counts, seed, batch sizes, KID subsets, k of precision/recall, weights path; its
       sampler and steps are recorded with the result. Default `EvalConfig()`, the paper's protocol.
     - `classes`: the classes to evaluate (default: every label present).
-    - `distro`: ``"out-distro"`` for unseen (test) classes, ``"in-distro"`` for training
-      classes; recorded with the result.
+    - `seen_in_training`: whether the evaluated classes are training classes; the result is
+      labelled ``"in-distro"`` when they are, ``"out-distro"`` when they are unseen (test or
+      validation classes). No default: the label must say what was evaluated.
     - `features_fn`: uint8 images ``(n, c, h, w)`` -> features ``(n, d)``; default the FID
       Inception (`load_inception` with ``config.inception_weights``).
     - `features_name`: the name recorded for a custom `features_fn`.
@@ -291,8 +304,7 @@ def fewshot_fid(
         )
     if labels.shape != (images.shape[0],):
         raise ValueError(f"labels must have shape ({images.shape[0]},); got {labels.shape}.")
-    if distro not in ("out-distro", "in-distro"):
-        raise ValueError(f"distro={distro!r} is not allowed; choose 'out-distro' or 'in-distro'.")
+    distro = distro_label(seen_in_training)
     chosen = tuple(int(c) for c in (np.unique(labels) if classes is None else classes))
 
     sets = draw_support_sets(

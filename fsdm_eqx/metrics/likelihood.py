@@ -22,7 +22,7 @@ import functools
 import json
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +39,7 @@ from ..diffusion import (
     split_model_output,
     vlb_terms_bpd,
 )
-from .fewshot import draw_support_sets
+from .fewshot import distro_label, draw_support_sets
 
 __all__ = [
     "LikelihoodResult",
@@ -49,7 +49,6 @@ __all__ = [
     "vlb_bpd_terms",
 ]
 
-Distro = Literal["out-distro", "in-distro"]
 ConditionFn = Callable[[Float[Array, "m c h w"]], ModelFn]
 """Maps a context set to the model function of one example conditioned on it."""
 
@@ -236,6 +235,7 @@ class LikelihoodResult:
     mse_per_step: list[float]
     """Mean epsilon MSE of each step."""
     distro: str
+    """``"in-distro"`` (training classes) or ``"out-distro"`` (unseen classes)."""
     classes: tuple[int, ...]
     num_sets: int
     ns: int
@@ -265,7 +265,7 @@ def fewshot_likelihood(
     diffusion: DiffusionConfig,
     config: EvalConfig | None = None,
     classes: Sequence[int] | None = None,
-    distro: Distro = "out-distro",
+    seen_in_training: bool,
     steps_per_batch: int | None = None,
 ) -> LikelihoodResult:
     """Bits per dimension of real images of the given classes under leave-one-out contexts.
@@ -286,7 +286,8 @@ def fewshot_likelihood(
     - `diffusion`: the schedule, variance and clipping of the trained model.
     - `config`: set counts, steps, seed and batch size; default `EvalConfig()`.
     - `classes`: the classes to score (default: every label present).
-    - `distro`: ``"out-distro"`` (unseen classes) or ``"in-distro"``; recorded.
+    - `seen_in_training`: whether the scored classes are training classes; recorded as
+      ``distro``, ``"in-distro"`` when they are, ``"out-distro"`` when they are unseen.
     - `steps_per_batch`: steps evaluated together inside the loop over steps.
 
     **Returns:** a `LikelihoodResult`.
@@ -342,7 +343,7 @@ def fewshot_likelihood(
         decoder_bpd=float(vb[:, 0].mean()),
         vb_per_step=[float(v) for v in vb.mean(axis=0)],
         mse_per_step=[float(v) for v in mse.mean(axis=0)],
-        distro=distro,
+        distro=distro_label(seen_in_training),
         classes=chosen,
         num_sets=config.likelihood_sets,
         ns=ns,

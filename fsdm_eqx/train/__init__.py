@@ -2,15 +2,22 @@
 
 from .checkpoint import (
     CheckpointError as CheckpointError,
+    DamagedCheckpointError as DamagedCheckpointError,
     latest_checkpoint as latest_checkpoint,
+    read_checkpoint_metadata as read_checkpoint_metadata,
     restore_checkpoint as restore_checkpoint,
+    resumable_checkpoint as resumable_checkpoint,
     save_checkpoint as save_checkpoint,
+    verify_checkpoint as verify_checkpoint,
 )
 from .loop import NonFiniteError as NonFiniteError, train as train
 from .objective import fsdm_loss_fn as fsdm_loss_fn
 from .optimizer import (
+    ScheduleState as ScheduleState,
+    current_learning_rate as current_learning_rate,
     ema_decay_at as ema_decay_at,
     ema_update as ema_update,
+    learning_rate_at as learning_rate_at,
     learning_rate_schedule as learning_rate_schedule,
     make_optimizer as make_optimizer,
     trainable_filter as trainable_filter,

@@ -5,6 +5,9 @@ A checkpoint is a directory ``step_XXXXXXXX`` holding ``state.eqx`` (the leaves 
 ``metadata.json`` (the step, the run's configuration, the sampler position, the SHA-256 and size
 of ``state.eqx`` and the shape of every leaf). It is written into a hidden temporary sibling,
 synced to disk, then renamed into place, so a directory named ``step_*`` is always complete.
+
+A checkpoint damaged afterwards (a truncated or altered file) is named with what to do: resuming
+a run directory skips it, with a warning, for the newest intact one (`resumable_checkpoint`).
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import os
 import pathlib
 import re
 import shutil
-from typing import Any
+import warnings
+from typing import Any, cast
 
 import equinox as eqx
 import jax
@@ -26,12 +30,31 @@ from .state import TrainState
 
 STATE_FILE = "state.eqx"
 METADATA_FILE = "metadata.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: the optimiser state records the learning-rate schedule's count and horizon."""
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 
 
 class CheckpointError(Exception):
     """A checkpoint that cannot be restored: missing, corrupt, truncated or incompatible."""
+
+
+class DamagedCheckpointError(CheckpointError):
+    """A checkpoint whose files are missing, truncated or corrupt (rather than one written for
+    another configuration): resuming skips it for an older intact one.
+
+    **Arguments:**
+    - `path`: the checkpoint directory.
+    - `problem`: what is wrong, naming the file (e.g. ``.../state.eqx is truncated: ...``).
+    """
+
+    def __init__(self, path: pathlib.Path, problem: str) -> None:
+        self.path = path
+        self.problem = problem
+        super().__init__(
+            f"{problem}, so the checkpoint {path} is damaged; delete it (resuming the run "
+            "directory then starts from its newest intact checkpoint) or restore another one."
+        )
 
 
 def _is_key(x: object) -> bool:
@@ -82,17 +105,25 @@ def _sha256(path: pathlib.Path) -> str:
     return digest.hexdigest()
 
 
-def checkpoint_steps(directory: str | os.PathLike[str]) -> list[tuple[int, pathlib.Path]]:
-    """The complete checkpoints in ``directory`` as ``(step, path)``, oldest first."""
-    directory = pathlib.Path(directory)
+def _step_directories(directory: pathlib.Path) -> list[tuple[int, pathlib.Path]]:
+    """Every ``step_*`` directory in ``directory`` as ``(step, path)``, oldest first."""
     if not directory.is_dir():
         return []
     found: list[tuple[int, pathlib.Path]] = []
     for child in directory.iterdir():
         match = _STEP_DIR.match(child.name)
-        if match and child.is_dir() and (child / METADATA_FILE).is_file():
+        if match and child.is_dir():
             found.append((int(match.group(1)), child))
     return sorted(found)
+
+
+def checkpoint_steps(directory: str | os.PathLike[str]) -> list[tuple[int, pathlib.Path]]:
+    """The complete checkpoints in ``directory`` as ``(step, path)``, oldest first."""
+    return [
+        (step, path)
+        for step, path in _step_directories(pathlib.Path(directory))
+        if (path / METADATA_FILE).is_file()
+    ]
 
 
 def latest_checkpoint(directory: str | os.PathLike[str]) -> pathlib.Path | None:
@@ -164,39 +195,100 @@ def save_checkpoint(
     return final
 
 
-def _read_metadata(path: pathlib.Path) -> dict[str, Any]:
+def read_checkpoint_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The metadata of the checkpoint ``path`` (a ``step_*`` directory): the one reader of
+    ``metadata.json``, which checks that it is a JSON object with the state file's checksum and
+    the step of the directory's name.
+
+    **Raises:** `DamagedCheckpointError` naming the file, what is wrong and what to do.
+    """
+    path = pathlib.Path(path)
     meta_path = path / METADATA_FILE
     try:
         with meta_path.open(encoding="utf-8") as f:
             metadata = json.load(f)
     except FileNotFoundError:
-        raise CheckpointError(
-            f"{meta_path} is missing: {path} is not a complete checkpoint."
-        ) from None
+        raise DamagedCheckpointError(path, f"{meta_path} is missing") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{meta_path} is corrupt (not valid JSON: {e}).") from None
+        problem = f"{meta_path} is corrupt (not valid JSON: {e})"
+        raise DamagedCheckpointError(path, problem) from None
     if not isinstance(metadata, dict) or "state_sha256" not in metadata:
-        raise CheckpointError(f"{meta_path} is corrupt: it lacks the state file's checksum.")
+        problem = f"{meta_path} is corrupt: it lacks the state file's checksum"
+        raise DamagedCheckpointError(path, problem)
+    metadata = cast(dict[str, Any], metadata)
+    match = _STEP_DIR.match(path.name)
+    if match and metadata.get("step") != int(match.group(1)):
+        problem = f"{meta_path} is corrupt: it records step {metadata.get('step')!r}"
+        raise DamagedCheckpointError(path, problem)
     return metadata
 
 
 def _check_state_file(path: pathlib.Path, metadata: dict[str, Any]) -> pathlib.Path:
     state_path = path / STATE_FILE
     if not state_path.is_file():
-        raise CheckpointError(f"{state_path} is missing from the checkpoint.")
+        raise DamagedCheckpointError(path, f"{state_path} is missing")
     size = state_path.stat().st_size
     if size < int(metadata.get("state_bytes", size)):
-        raise CheckpointError(
-            f"{state_path} is truncated: {size} bytes of the {metadata['state_bytes']} written."
-        )
+        written = metadata["state_bytes"]
+        problem = f"{state_path} is truncated: {size} bytes of the {written} written"
+        raise DamagedCheckpointError(path, problem)
     if _sha256(state_path) != metadata["state_sha256"]:
-        raise CheckpointError(
-            f"{state_path} is corrupt: its SHA-256 does not match the one in {METADATA_FILE}."
-        )
+        problem = f"{state_path} is corrupt: its SHA-256 does not match the one in {METADATA_FILE}"
+        raise DamagedCheckpointError(path, problem)
     return state_path
 
 
+def verify_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The metadata of the checkpoint ``path`` after checking its state file's size and SHA-256.
+
+    **Raises:** `DamagedCheckpointError` naming the damaged file and what to do.
+    """
+    path = pathlib.Path(path)
+    metadata = read_checkpoint_metadata(path)
+    _check_state_file(path, metadata)
+    return metadata
+
+
+def resumable_checkpoint(directory: str | os.PathLike[str]) -> pathlib.Path | None:
+    """The newest intact checkpoint in ``directory`` (`verify_checkpoint`), or None if it holds
+    no checkpoint. Newer damaged ones are skipped with a warning that names them; a run is never
+    silently restarted from scratch.
+
+    **Raises:** `CheckpointError` when ``directory`` holds checkpoints but all are damaged,
+    naming them and what to do.
+    """
+    directory = pathlib.Path(directory)
+    damaged: list[DamagedCheckpointError] = []
+    for _, path in reversed(_step_directories(directory)):
+        try:
+            verify_checkpoint(path)
+        except DamagedCheckpointError as e:
+            damaged.append(e)
+            continue
+        for e in damaged:
+            warnings.warn(
+                f"Skipping the damaged checkpoint {e.path} ({e.problem}) and resuming from the "
+                f"older {path}; delete {e.path} unless the run saves that step again.",
+                stacklevel=1,  # one location: a second call for the same run shows it once
+            )
+        return path
+    if damaged:
+        problems = "; ".join(e.problem for e in damaged)
+        raise CheckpointError(
+            f"{directory} holds only damaged checkpoints ({problems}); delete them to train "
+            "from scratch, or choose another run directory."
+        )
+    return None
+
+
 def _check_compatible(state_path: pathlib.Path, metadata: dict[str, Any], like: PyTree) -> None:
+    version = metadata.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{state_path} has checkpoint format {version!r}, and this version of fsdm_eqx reads "
+            f"format {FORMAT_VERSION} (its optimiser state records the learning-rate schedule); "
+            "resume it with the version that wrote it, or train in a new run directory."
+        )
     expected = _leaf_specs(like)
     stored = metadata.get("leaves")
     if stored is None:
@@ -222,23 +314,25 @@ def restore_checkpoint(
 
     **Arguments:**
     - `path_or_directory`: a checkpoint (`.../step_XXXXXXXX`) or a run directory, whose newest
-      complete checkpoint is taken.
+      intact checkpoint is taken (`resumable_checkpoint`: newer damaged ones are skipped with a
+      warning).
     - `like`: a training state of the current configuration; it gives the structure, the
       shapes, the key implementation and the placement (sharding) of the restored arrays.
 
     **Returns:** `(state, metadata)`.
 
-    **Raises:** `CheckpointError` with one sentence naming the file and what is wrong.
+    **Raises:** `CheckpointError` with one sentence naming the file and what is wrong
+    (`DamagedCheckpointError` for missing, truncated or corrupt files).
     """
     path = pathlib.Path(path_or_directory)
     if not (path / METADATA_FILE).is_file() and not (path / STATE_FILE).is_file():
-        latest = latest_checkpoint(path)
+        latest = resumable_checkpoint(path)
         if latest is None:
             raise CheckpointError(
                 f"{path} holds no complete checkpoint (no step_*/{METADATA_FILE})."
             )
         path = latest
-    metadata = _read_metadata(path)
+    metadata = read_checkpoint_metadata(path)
     state_path = _check_state_file(path, metadata)
     like_data = _keys_to_data(like)
     _check_compatible(state_path, metadata, like_data)

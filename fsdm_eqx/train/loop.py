@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import pathlib
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -24,7 +26,13 @@ from tqdm.auto import tqdm
 from ..config import RunConfig
 from ..instrument.encoder import Visuals
 from ..instrument.sinks import Sink
-from .checkpoint import latest_checkpoint, restore_checkpoint, save_checkpoint
+from .checkpoint import (
+    latest_checkpoint,
+    restore_checkpoint,
+    resumable_checkpoint,
+    save_checkpoint,
+)
+from .optimizer import ScheduleState, find_schedule_state
 from .state import TrainState
 
 StepFn = Callable[[TrainState, PyTree], tuple[TrainState, dict[str, Array]]]
@@ -56,6 +64,23 @@ def _memory_metrics() -> dict[str, float]:
 def _offending(metrics: dict[str, float]) -> list[str]:
     names = [k for k in metrics if k == "loss" or k.startswith("debug/grad_norm")]
     return [f"{k}={metrics[k]}" for k in names if not math.isfinite(metrics[k])]
+
+
+def _warn_if_horizon_kept(
+    checkpoint: pathlib.Path, asked: ScheduleState | None, kept: ScheduleState | None
+) -> None:
+    """Warn when the restored learning-rate schedule's horizon is not the one the fresh state
+    asked for (a resume with another run length): the restored one is kept, so that the
+    learning rate goes on from its value rather than jumping."""
+    if asked is None or kept is None or int(asked.horizon) == int(kept.horizon):
+        return
+    warnings.warn(
+        f"The learning-rate schedule of {checkpoint} has a horizon of {int(kept.horizon)} steps "
+        f"(0: no decay) and this run's fresh state one of {int(asked.horizon)}; the checkpoint's "
+        "is kept, so that the learning rate goes on without a jump. Train in a new run "
+        "directory for a new schedule.",
+        stacklevel=3,
+    )
 
 
 @dataclasses.dataclass
@@ -121,9 +146,11 @@ def train(
     evals_without_improvement = 0
     skipped = 0
 
-    checkpoint = latest_checkpoint(run_dir)
+    checkpoint = resumable_checkpoint(run_dir)
     if checkpoint is not None:
+        asked = find_schedule_state(state.opt_state)
         state, restored = restore_checkpoint(checkpoint, state)
+        _warn_if_horizon_kept(checkpoint, asked, find_schedule_state(state.opt_state))
         stopping = restored.get("early_stopping", {})
         best = stopping.get("best_eval_loss")
         best_eval = math.inf if best is None else float(best)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Hashable
-from typing import Any
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
-from jaxtyping import PyTree
+from jaxtyping import Array, ArrayLike, Float, Int, PyTree
 
 from .._tree import top_level_name, top_level_names
 from ..config import OptimConfig
@@ -36,16 +36,88 @@ def trainable_filter(model: PyTree, frozen: tuple[str, ...] = ()) -> PyTree[bool
     return jax.tree_util.tree_map_with_path(is_trainable, model)
 
 
-def learning_rate_schedule(config: OptimConfig, total_steps: int) -> optax.Schedule:
-    """Linear warm-up to ``config.lr``, then constant or cosine decay to 0 at ``total_steps``."""
-    warmup = max(config.warmup_steps, 0)
+class ScheduleState(NamedTuple):
+    """The learning-rate schedule's part of the optimiser state.
+
+    ``count`` is the number of updates applied (a skipped non-finite step leaves it alone), and
+    ``horizon`` the step at which a cosine decay reaches 0. Both live in the state, so that the
+    learning rate a step logs is the one it applies, and a resumed run keeps its schedule.
+    """
+
+    count: Int[Array, ""]  # pyright: ignore[reportIncompatibleMethodOverride] (optax's name)
+    horizon: Int[Array, ""]
+
+
+def schedule_horizon(config: OptimConfig, total_steps: int) -> int:
+    """The horizon a run of ``total_steps`` steps records: ``total_steps`` for a cosine decay,
+    0 for a constant schedule, whose learning rate no run length changes."""
+    return total_steps if config.lr_schedule == "cosine" else 0
+
+
+def learning_rate_at(
+    config: OptimConfig, count: Int[ArrayLike, ""], horizon: Int[ArrayLike, ""]
+) -> Float[Array, ""]:
+    """The learning rate of the update after ``count`` applied ones: a linear warm-up from 0 to
+    ``config.lr`` over ``config.warmup_steps``, then ``config.lr`` or a cosine decay that
+    reaches 0 at ``horizon``. Without warm-up the first update gets the full ``config.lr``.
+    """
+    count_f = jnp.asarray(count).astype(jnp.float32)
+    peak = jnp.asarray(config.lr, jnp.float32)
+    warmup = config.warmup_steps
+    after = peak
     if config.lr_schedule == "cosine":
-        return optax.warmup_cosine_decay_schedule(
-            0.0, config.lr, max(warmup, 1), max(total_steps, warmup + 1), end_value=0.0
-        )
+        span = jnp.maximum(jnp.asarray(horizon).astype(jnp.float32) - warmup, 1.0)
+        progress = jnp.clip((count_f - warmup) / span, 0.0, 1.0)
+        after = 0.5 * peak * (1.0 + jnp.cos(jnp.pi * progress))
     if warmup == 0:
-        return optax.constant_schedule(config.lr)
-    return optax.linear_schedule(0.0, config.lr, warmup)
+        return after
+    return jnp.where(count_f < warmup, peak * count_f / warmup, after)
+
+
+def learning_rate_schedule(config: OptimConfig, total_steps: int) -> optax.Schedule:
+    """Linear warm-up to ``config.lr``, then constant or cosine decay to 0 at ``total_steps``:
+    `learning_rate_at` as a function of the number of applied updates."""
+    horizon = schedule_horizon(config, total_steps)
+    return lambda count: learning_rate_at(config, count, horizon)
+
+
+def scale_by_schedule_state(config: OptimConfig, horizon: int) -> optax.GradientTransformation:
+    """Scale updates by ``-learning_rate_at(config, count, horizon)``, with the count and the
+    horizon kept in a `ScheduleState` (``horizon`` only initialises it)."""
+
+    def init(params: PyTree) -> ScheduleState:
+        del params
+        return ScheduleState(jnp.zeros((), jnp.int32), jnp.asarray(horizon, jnp.int32))
+
+    def update(
+        updates: PyTree, state: ScheduleState, params: PyTree | None = None
+    ) -> tuple[PyTree, ScheduleState]:
+        del params
+        lr = learning_rate_at(config, state.count, state.horizon)
+        updates = jax.tree_util.tree_map(lambda u: u * (-lr).astype(u.dtype), updates)
+        return updates, ScheduleState(state.count + 1, state.horizon)
+
+    return optax.GradientTransformation(init, update)  # pyright: ignore[reportArgumentType]
+
+
+def find_schedule_state(opt_state: optax.OptState) -> ScheduleState | None:
+    """The `ScheduleState` inside an optimiser state of `make_optimizer`, or None if it has
+    none."""
+    nodes = jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, ScheduleState))
+    found = [node for node in nodes if isinstance(node, ScheduleState)]
+    return found[0] if found else None
+
+
+def current_learning_rate(config: OptimConfig, opt_state: optax.OptState) -> Float[Array, ""]:
+    """The base learning rate (before `lr_multipliers`) that the next update of ``opt_state``
+    applies, read from its own count and horizon."""
+    schedule = find_schedule_state(opt_state)
+    if schedule is None:
+        raise ValueError(
+            "The optimiser state has no learning-rate schedule state; build it with "
+            "`make_optimizer` or `init_train_state`."
+        )
+    return learning_rate_at(config, schedule.count, schedule.horizon)
 
 
 def make_optimizer(
@@ -53,7 +125,10 @@ def make_optimizer(
 ) -> optax.GradientTransformation:
     """AdamW with the run's learning-rate schedule, per-subtree factors and clipping.
 
-    Acts on ``eqx.filter(model, trainable_filter(model, config.frozen))``.
+    Acts on ``eqx.filter(model, trainable_filter(model, config.frozen))``. The schedule is one
+    transformation at the end of the chain (`scale_by_schedule_state`), so the state holds one
+    count of applied updates and the schedule's horizon, `schedule_horizon(config,
+    total_steps)`; ``total_steps`` only matters when the state is initialised.
     """
     fields = top_level_names(model)
     unknown = sorted({name for name, _ in config.lr_multipliers} - set(fields))
@@ -62,16 +137,14 @@ def make_optimizer(
             f"OptimConfig.lr_multipliers names {unknown}, which the model does not have; "
             f"its subtrees are {sorted(fields)}."
         )
-    schedule = learning_rate_schedule(config, total_steps)
     factors = {_DEFAULT: 1.0, **dict(config.lr_multipliers)}
 
-    def adamw(factor: float) -> optax.GradientTransformation:
-        return optax.adamw(
-            lambda step: factor * schedule(step),
-            b1=config.b1,
-            b2=config.b2,
-            eps=config.eps,
-            weight_decay=config.weight_decay,
+    def adamw_direction(factor: float) -> optax.GradientTransformation:
+        # optax.adamw without its learning rate: Adam, decoupled weight decay, the factor.
+        return optax.chain(
+            optax.scale_by_adam(b1=config.b1, b2=config.b2, eps=config.eps),
+            optax.add_decayed_weights(config.weight_decay),
+            optax.scale(factor),
         )
 
     def labels(params: PyTree) -> PyTree[str]:
@@ -81,12 +154,15 @@ def make_optimizer(
         )
 
     transforms: dict[Hashable, optax.GradientTransformation] = {
-        name: adamw(factor) for name, factor in factors.items()
+        name: adamw_direction(factor) for name, factor in factors.items()
     }
-    per_subtree = optax.multi_transform(transforms, labels)
+    chain = [
+        optax.multi_transform(transforms, labels),
+        scale_by_schedule_state(config, schedule_horizon(config, total_steps)),
+    ]
     if config.grad_clip > 0:
-        return optax.chain(optax.clip_by_global_norm(config.grad_clip), per_subtree)
-    return per_subtree
+        chain.insert(0, optax.clip_by_global_norm(config.grad_clip))
+    return optax.chain(*chain)
 
 
 def ema_decay_at(step: jax.Array, config: OptimConfig) -> tuple[jax.Array, jax.Array]:

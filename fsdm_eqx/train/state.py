@@ -32,7 +32,8 @@ def init_train_state(
     - `model`: the model PyTree (e.g. an `FSDM`).
     - `config`: the optimiser configuration; `config.frozen` subtrees get no optimiser state.
     - `key`: the root key of all training randomness.
-    - `total_steps`: the run's length, for the learning-rate schedule.
+    - `total_steps`: the run's length: the horizon of a cosine learning-rate schedule, recorded
+      in the optimiser state (a `ScheduleState`), so that a resumed run keeps it.
     """
     optimizer = make_optimizer(config, model, total_steps)
     params = eqx.filter(model, trainable_filter(model, config.frozen))

@@ -25,10 +25,11 @@ from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
 from ..config import OptimConfig
 from ..instrument.norms import context_statistics, global_norm, subtree_norms
+from ..nn.dit import DiT
 from .optimizer import (
+    current_learning_rate,
     ema_decay_at,
     ema_update,
-    learning_rate_schedule,
     make_optimizer,
     trainable_filter,
 )
@@ -81,6 +82,30 @@ def grad_param_ratios(grads: PyTree, params: PyTree) -> dict[str, Float[Array, "
     return ratios
 
 
+def subtree_aliases(model: PyTree) -> dict[str, str]:
+    """Second names of top-level subtrees, as the W&B metrics spec names them: a DiT
+    ``denoiser`` is also ``dit`` (`debug/grad_norm_dit`, `debug/param_norm_dit`).
+
+    **Arguments:**
+    - `model`: the model (an `FSDM`, or any PyTree).
+
+    **Returns:** ``{field: alias}``, empty when the model has no DiT denoiser.
+    """
+    return {"denoiser": "dit"} if isinstance(getattr(model, "denoiser", None), DiT) else {}
+
+
+def _norms_with_aliases(
+    tree: PyTree, prefix: str, aliases: dict[str, str]
+) -> dict[str, Float[Array, ""]]:
+    """`subtree_norms` of ``tree``, with ``{prefix}_<alias>`` repeating ``{prefix}_<field>`` for
+    each ``field: alias`` of `aliases` whose subtree has a norm."""
+    norms = subtree_norms(tree, prefix)
+    for field, alias in aliases.items():
+        if f"{prefix}_{field}" in norms:
+            norms[f"{prefix}_{alias}"] = norms[f"{prefix}_{field}"]
+    return norms
+
+
 def _reduce_metrics(loss: Array, aux: dict[str, Array], axis_name: str | None) -> dict[str, Array]:
     metrics: dict[str, Array] = {"loss": loss}
     for name, value in aux.items():
@@ -103,7 +128,7 @@ def make_train_step(
     loss_fn: LossFn,
     config: OptimConfig,
     *,
-    total_steps: int,
+    total_steps: int | None = None,
     mesh: Mesh | None = None,
 ) -> StepFn:
     """The jitted training step for ``loss_fn`` under ``config``.
@@ -112,16 +137,26 @@ def make_train_step(
     - `loss_fn`: the per-set loss, `(model, set, key, *, context_offset=None) -> (loss, aux)`
       (see `LossFn`; `fsdm_loss_fn` makes one for an `FSDM`).
     - `config`: optimiser, EMA, precision and non-finite policy.
-    - `total_steps`: the run's length, for the learning-rate schedule.
+    - `total_steps`: unused, accepted so that existing calls keep working: the schedule's
+      horizon is part of the optimiser state (`init_train_state(total_steps=...)`), so that a
+      resumed run keeps the learning rate it had.
     - `mesh`: a `make_mesh()` mesh for data parallelism; the batch must then be placed with
       `shard_batch` and the state with `replicate`.
 
     **Returns:** `step(state, batch) -> (state, metrics)`; `batch` has the sets on axis 0.
     Metrics: `loss` and the aux means (the loss's own diagnostics, such as the FSDM's
-    `debug/modulation/<block>/<part>`), `lr` and `Optim/lr`, `debug/grad_norm[_<subtree>]`,
-    `debug/param_norm[_<subtree>]`, `debug/grad_param_ratio[_<subtree>]`, `debug/update_norm`
-    and `Optim/update_global_norm` (the norm of the applied update), `Optim/ema_decay` (the
-    decay the EMA applied at this step, 0 when it did not average), the context statistics and
+    `debug/modulation/<block>/<part>`), `lr` and `Optim/lr` (the base learning rate this
+    update applies, from the optimiser state's count of applied updates),
+    `debug/grad_norm[_<subtree>]`,
+    `debug/param_norm[_<subtree>]` (for a DiT denoiser also `debug/grad_norm_dit` and
+    `debug/param_norm_dit`, see `subtree_aliases`), `Optim/grad_global_norm` and
+    `Optim/param_global_norm` (the L2 norms of the gradient, before clipping, and of the
+    parameters over all trainable leaves, the same figures as `debug/grad_norm` and
+    `debug/param_norm`), `debug/grad_param_ratio[_<subtree>]`, `debug/update_norm`
+    and `Optim/update_global_norm` (the norm of the applied update, 0 on a skipped step),
+    `Optim/ema_decay` (the decay the EMA applied at this step, 0 when it did not average),
+    the context statistics
+    (`debug/context_{norm,mean,max,std,vector_norm,signed_mean}`, see `context_statistics`) and
     `debug/context_grad_norm` (per set, the norm of the gradient of its loss with respect to
     its contexts, averaged over the batch) when the loss reports its context, and
     `debug/nonfinite` (1 when the update was skipped for a non-finite loss or gradient).
@@ -129,7 +164,6 @@ def make_train_step(
     `precision="bfloat16"`; the network computes in bfloat16.
     """
     compute_dtype = COMPUTE_DTYPES[config.precision]
-    schedule = learning_rate_schedule(config, total_steps)
     axis_name = DATA_AXIS if mesh is not None else None
 
     def gradients(
@@ -184,7 +218,8 @@ def make_train_step(
 
     @eqx.filter_jit(donate="all")
     def step(state: TrainState, batch: PyTree) -> tuple[TrainState, dict[str, Array]]:
-        optimizer = make_optimizer(config, state.model, total_steps)
+        # Its update reads the count and the horizon from the state; total_steps sets them at init.
+        optimizer = make_optimizer(config, state.model, total_steps=0)
         params, static = eqx.partition(state.model, trainable_filter(state.model, config.frozen))
         key, step_key = jax.random.split(state.key)
         keys = jax.random.split(step_key, jax.tree_util.tree_leaves(batch)[0].shape[0])
@@ -200,8 +235,12 @@ def make_train_step(
             grads, metrics = sharded(params, batch, keys)
         with jax.numpy_dtype_promotion("standard"):  # optax mixes int32 counts with floats
             updates, opt_state = optimizer.update(grads, state.opt_state, params)
-            lr = jnp.asarray(schedule(state.step), jnp.float32)
-        grad_norm = global_norm(grads)
+            # The lr of this update, from optax's count of applied updates (skips excluded).
+            lr = current_learning_rate(config, state.opt_state)
+        aliases = subtree_aliases(state.model)
+        grad_norms = _norms_with_aliases(grads, "debug/grad_norm", aliases)
+        param_norms = _norms_with_aliases(params, "debug/param_norm", aliases)
+        grad_norm = grad_norms["debug/grad_norm"]
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
         model = eqx.combine(optax.apply_updates(params, updates), static)
         decay, averaged = ema_decay_at(state.step + 1, config)
@@ -218,15 +257,17 @@ def make_train_step(
             candidate,
             skipped,
         )
-        update_norm = global_norm(updates)
+        update_norm = jnp.where(finite, global_norm(updates), 0.0)  # a skipped step applies none
         metrics = {
             **metrics,
             "lr": lr,
             "Optim/lr": lr,
             "Optim/update_global_norm": update_norm,
             "Optim/ema_decay": jnp.where(averaged & finite, decay, 0.0),
-            **subtree_norms(grads, "debug/grad_norm"),
-            **subtree_norms(params, "debug/param_norm"),
+            "Optim/grad_global_norm": grad_norm,
+            "Optim/param_global_norm": param_norms["debug/param_norm"],
+            **grad_norms,
+            **param_norms,
             **grad_param_ratios(grads, params),
             "debug/update_norm": update_norm,
             "debug/nonfinite": (~finite).astype(jnp.float32),
