@@ -79,14 +79,7 @@ def test_fsdm_context_grad_norm_matches_jax_grad_over_a_context_offset(run) -> N
     def per_set_context_grads(model, batch, keys):
         def total(offsets):
             def one(x_set, key, offset):
-                out = model.loss(
-                    x_set,
-                    key=key,
-                    diffusion_config=DIFFUSION,
-                    schedule=schedule,
-                    context_offset=offset,
-                )
-                return out["loss"]
+                return _set_loss(model, x_set, key, offset, schedule)["loss"]
 
             return jnp.sum(jax.vmap(one)(batch, keys, offsets))
 
@@ -96,6 +89,13 @@ def test_fsdm_context_grad_norm_matches_jax_grad_over_a_context_offset(run) -> N
     expected = np.mean(np.linalg.norm(grads.reshape(grads.shape[0], -1), axis=1))
     assert expected > 0
     assert history[2]["debug/context_grad_norm"] == pytest.approx(expected, rel=1e-4)
+
+
+def _set_loss(model, x_set, key, offset, schedule):
+    """`FSDM.loss` of one set with the step's settings and a context offset."""
+    return model.loss(
+        x_set, key=key, diffusion_config=DIFFUSION, schedule=schedule, context_offset=offset
+    )
 
 
 def _l2(tree) -> float:
@@ -129,13 +129,7 @@ def test_fsdm_spec_metrics_match_numpy(run) -> None:
     def grads_and_contexts(model, batch, keys):
         def mean_loss(model):
             def one(x_set, key, offset):
-                out = model.loss(
-                    x_set,
-                    key=key,
-                    diffusion_config=DIFFUSION,
-                    schedule=schedule,
-                    context_offset=offset,
-                )
+                out = _set_loss(model, x_set, key, offset, schedule)
                 return out["loss"], out["context"]
 
             losses, contexts = jax.vmap(one)(batch, keys, offsets)
