@@ -147,7 +147,7 @@ class DiffusionConfig:
         return self.variance == "learned_range"
 
 
-LRScheduleName = Literal["constant", "cosine"]
+LRScheduleName = Literal["constant", "cosine", "step", "plateau"]
 PrecisionName = Literal["float32", "bfloat16"]
 
 
@@ -174,8 +174,18 @@ class OptimConfig:
     warmup_steps: int = 0
     """Linear warm-up from 0 to `lr` over this many steps."""
     lr_schedule: LRScheduleName = "constant"
-    """After warm-up: `constant`, or `cosine` decay to 0 at the run's last step (the length the
-    run started with: a resumed run keeps its schedule)."""
+    """After warm-up: `constant`; `cosine` decay to 0 at the run's last step (the length the
+    run started with: a resumed run keeps its schedule); `step` decay by `lr_decay_factor` every
+    `lr_decay_every` steps; or `plateau`: reduce by `lr_decay_factor` when the training loss,
+    averaged over `plateau_window` steps, has not improved for `plateau_patience` windows."""
+    lr_decay_factor: float = 0.1
+    """Factor of each reduction of the `step` and `plateau` schedules."""
+    lr_decay_every: int = 10_000
+    """Steps between two reductions of the `step` schedule (counted after warm-up)."""
+    plateau_window: int = 200
+    """Steps whose training loss is averaged for one comparison of the `plateau` schedule."""
+    plateau_patience: int = 5
+    """Windows without a relative improvement of 1e-4 before the `plateau` schedule reduces."""
     lr_multipliers: tuple[tuple[str, float], ...] = ()
     """Per-subtree learning-rate factors, e.g. (("encoder", 2.0),)."""
     frozen: tuple[str, ...] = ()
@@ -200,6 +210,9 @@ class OptimConfig:
         check_range(self, "grad_clip", low=0.0)
         check_range(self, "warmup_steps", low=0)
         check_choice(self, "lr_schedule", get_args(LRScheduleName))
+        check_range(self, "lr_decay_factor", low=0.0, high=1.0, low_inclusive=False)
+        for name in ("lr_decay_every", "plateau_window", "plateau_patience"):
+            check_range(self, name, low=1)
         check_range(self, "ema_decay", low=0.0, high=1.0)
         check_range(self, "ema_start", low=0)
         check_range(self, "ema_every", low=1)

@@ -47,7 +47,9 @@ def test_diffusion_config_defaults_follow_the_reference() -> None:
     ("kwargs", "pattern"),
     [
         ({"lr": 0.0}, r"OptimConfig.lr=0.0 .*\(0.0, inf\]"),
-        ({"lr_schedule": "step"}, r"OptimConfig.lr_schedule='step' .*'constant', 'cosine'"),
+        ({"lr_schedule": "linear"}, r"OptimConfig.lr_schedule='linear' .*'constant', 'cosine'"),
+        ({"lr_decay_factor": 1.5}, r"OptimConfig.lr_decay_factor=1.5"),
+        ({"plateau_window": 0}, r"OptimConfig.plateau_window=0"),
         ({"precision": "float16"}, r"OptimConfig.precision='float16' .*'float32', 'bfloat16'"),
         ({"ema_decay": 1.5}, r"OptimConfig.ema_decay=1.5"),
         ({"lr_multipliers": (("encoder", 0.0),)}, r"factors must be > 0"),

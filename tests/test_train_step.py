@@ -381,3 +381,65 @@ def test_first_step_learns_without_warmup(schedule: str) -> None:
     assert history[0]["Optim/lr"] == pytest.approx(1e-3)
     moved = np.abs(np.asarray(state.model.denoiser.weight - initial.model.denoiser.weight))
     assert np.median(moved) == pytest.approx(1e-3, rel=0.05)
+
+
+def test_step_decay_follows_its_formula() -> None:
+    config = OptimConfig(
+        lr=2.0, warmup_steps=10, lr_schedule="step", lr_decay_every=20, lr_decay_factor=0.5
+    )
+    lr = learning_rate_schedule(config, total_steps=1000)
+    for count in (0, 5, 10, 29, 30, 49, 50, 95):
+        expected = 2.0 * count / 10 if count < 10 else 2.0 * 0.5 ** ((count - 10) // 20)
+        assert float(lr(count)) == pytest.approx(expected, rel=1e-6), count
+
+
+def _loss_read_from_batch(model: TinyModel, x_set, key, *, context_offset=None):
+    """A loss whose value is the set's first entry: the test dictates the loss of every step."""
+    del key
+    context = tiny_context(model, x_set)
+    if context_offset is not None:
+        context = context + context_offset
+    loss = x_set[0, 0] + 0.0 * (jnp.sum(model.denoiser.weight) + jnp.sum(context))
+    return loss, {"mse": loss, "context": context}
+
+
+def _reference_plateau_lrs(losses, lr, factor, window, patience, rtol=1e-4):
+    """The learning rate of each update under reduce-on-plateau, written out from its rule: the
+    loss is averaged over windows of ``window`` steps; a window whose mean is not below
+    (1 - rtol) times the best mean so far counts towards ``patience``, and reaching it
+    multiplies the rate by ``factor`` from that step on."""
+    best, bad, scale, rates = np.inf, 0, 1.0, []
+    for start in range(0, len(losses), window):
+        chunk = losses[start : start + window]
+        mean = float(np.mean(chunk))
+        if mean < (1 - rtol) * best:
+            best, bad = mean, 0
+        else:
+            bad += 1
+        reduce_now = bad >= patience
+        if reduce_now:
+            bad = 0
+        rates += [lr * scale] * (len(chunk) - 1)
+        scale *= factor if reduce_now else 1.0
+        rates.append(lr * scale)
+    return rates
+
+
+def test_plateau_reduces_the_lr_when_the_training_loss_stalls() -> None:
+    # Falling for three windows, then flat: two reductions after each `patience` flat windows.
+    losses = [4.0, 4.0, 3.0, 3.0, 2.0, 2.0] + [2.0] * 8
+    config = OptimConfig(
+        lr=1e-2, lr_schedule="plateau", lr_decay_factor=0.5, plateau_window=2, plateau_patience=2
+    )
+    batches = [np.full((1, 5, 4), value, np.float32) for value in losses]
+    state = init_train_state(
+        TinyModel(jax.random.key(0)), config, key=jax.random.key(1), total_steps=len(losses)
+    )
+    step = make_train_step(_loss_read_from_batch, config, total_steps=len(losses))
+    logged = []
+    for batch in batches:
+        state, metrics = step(state, jnp.asarray(batch))
+        logged.append(float(metrics["Optim/lr"]))
+    expected = _reference_plateau_lrs(losses, 1e-2, 0.5, window=2, patience=2)
+    np.testing.assert_allclose(logged, expected, rtol=1e-6)
+    assert min(expected) == pytest.approx(1e-2 / 4)  # the test reaches two reductions

@@ -1,4 +1,9 @@
-"""The optax optimiser of `OptimConfig`: clipping, AdamW per subtree, warm-up and decay."""
+"""The optax optimiser of `OptimConfig`: clipping, AdamW per subtree, warm-up and decay.
+
+The decays of `OptimConfig.lr_schedule` that depend only on the step count (cosine, step) live in
+`learning_rate_at`; reduce-on-plateau is optax's `contrib.reduce_on_plateau` on the training loss,
+whose scale multiplies that learning rate.
+"""
 
 from __future__ import annotations
 
@@ -58,8 +63,11 @@ def learning_rate_at(
     config: OptimConfig, count: Int[ArrayLike, ""], horizon: Int[ArrayLike, ""]
 ) -> Float[Array, ""]:
     """The learning rate of the update after ``count`` applied ones: a linear warm-up from 0 to
-    ``config.lr`` over ``config.warmup_steps``, then ``config.lr`` or a cosine decay that
-    reaches 0 at ``horizon``. Without warm-up the first update gets the full ``config.lr``.
+    ``config.lr`` over ``config.warmup_steps``, then ``config.lr``, a cosine decay that
+    reaches 0 at ``horizon``, or a step decay by ``config.lr_decay_factor`` every
+    ``config.lr_decay_every`` updates. Without warm-up the first update gets the full
+    ``config.lr``. A `plateau` schedule's reductions are not included (see
+    `current_learning_rate`).
     """
     count_f = jnp.asarray(count).astype(jnp.float32)
     peak = jnp.asarray(config.lr, jnp.float32)
@@ -69,6 +77,9 @@ def learning_rate_at(
         span = jnp.maximum(jnp.asarray(horizon).astype(jnp.float32) - warmup, 1.0)
         progress = jnp.clip((count_f - warmup) / span, 0.0, 1.0)
         after = 0.5 * peak * (1.0 + jnp.cos(jnp.pi * progress))
+    elif config.lr_schedule == "step":
+        decays = jnp.floor(jnp.maximum(count_f - warmup, 0.0) / config.lr_decay_every)
+        after = peak * jnp.asarray(config.lr_decay_factor, jnp.float32) ** decays
     if warmup == 0:
         return after
     return jnp.where(count_f < warmup, peak * count_f / warmup, after)
@@ -108,16 +119,37 @@ def find_schedule_state(opt_state: optax.OptState) -> ScheduleState | None:
     return found[0] if found else None
 
 
+def plateau_scale(opt_state: optax.OptState) -> Float[Array, ""]:
+    """The factor by which reduce-on-plateau has scaled the learning rate so far (1 without a
+    `plateau` schedule)."""
+    nodes = jax.tree_util.tree_leaves(
+        opt_state, is_leaf=lambda x: isinstance(x, optax.contrib.ReduceLROnPlateauState)
+    )
+    found = [n for n in nodes if isinstance(n, optax.contrib.ReduceLROnPlateauState)]
+    return jnp.asarray(found[0].scale, jnp.float32) if found else jnp.ones((), jnp.float32)
+
+
 def current_learning_rate(config: OptimConfig, opt_state: optax.OptState) -> Float[Array, ""]:
     """The base learning rate (before `lr_multipliers`) that the next update of ``opt_state``
-    applies, read from its own count and horizon."""
+    applies, read from its own count, horizon and plateau scale."""
     schedule = find_schedule_state(opt_state)
     if schedule is None:
         raise ValueError(
             "The optimiser state has no learning-rate schedule state; build it with "
             "`make_optimizer` or `init_train_state`."
         )
-    return learning_rate_at(config, schedule.count, schedule.horizon)
+    return learning_rate_at(config, schedule.count, schedule.horizon) * plateau_scale(opt_state)
+
+
+def applied_learning_rate(
+    config: OptimConfig, before: optax.OptState, after: optax.OptState
+) -> Float[Array, ""]:
+    """The base learning rate of the update that took the optimiser state ``before`` to
+    ``after``: the schedule at the count before it, times the plateau scale it applied."""
+    schedule = find_schedule_state(before)
+    if schedule is None:
+        return current_learning_rate(config, before)  # raises the readable error
+    return learning_rate_at(config, schedule.count, schedule.horizon) * plateau_scale(after)
 
 
 def make_optimizer(
@@ -128,7 +160,9 @@ def make_optimizer(
     Acts on ``eqx.filter(model, trainable_filter(model, config.frozen))``. The schedule is one
     transformation at the end of the chain (`scale_by_schedule_state`), so the state holds one
     count of applied updates and the schedule's horizon, `schedule_horizon(config,
-    total_steps)`; ``total_steps`` only matters when the state is initialised.
+    total_steps)`; ``total_steps`` only matters when the state is initialised. A `plateau`
+    schedule adds optax's reduce-on-plateau last, so ``update`` then needs the step's training
+    loss as ``value=``.
     """
     fields = top_level_names(model)
     unknown = sorted({name for name, _ in config.lr_multipliers} - set(fields))
@@ -162,6 +196,14 @@ def make_optimizer(
     ]
     if config.grad_clip > 0:
         chain.insert(0, optax.clip_by_global_norm(config.grad_clip))
+    if config.lr_schedule == "plateau":
+        chain.append(
+            optax.contrib.reduce_on_plateau(
+                factor=config.lr_decay_factor,
+                patience=config.plateau_patience,
+                accumulation_size=config.plateau_window,
+            )
+        )
     return optax.chain(*chain)
 
 

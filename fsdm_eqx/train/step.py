@@ -27,7 +27,7 @@ from ..config import OptimConfig
 from ..instrument.norms import context_statistics, global_norm, subtree_norms
 from ..nn.dit import DiT
 from .optimizer import (
-    current_learning_rate,
+    applied_learning_rate,
     ema_decay_at,
     ema_update,
     make_optimizer,
@@ -234,9 +234,11 @@ def make_train_step(
             )
             grads, metrics = sharded(params, batch, keys)
         with jax.numpy_dtype_promotion("standard"):  # optax mixes int32 counts with floats
-            updates, opt_state = optimizer.update(grads, state.opt_state, params)
+            updates, opt_state = optimizer.update(
+                grads, state.opt_state, params, value=metrics["loss"]
+            )
             # The lr of this update, from optax's count of applied updates (skips excluded).
-            lr = current_learning_rate(config, state.opt_state)
+            lr = applied_learning_rate(config, state.opt_state, opt_state)
         aliases = subtree_aliases(state.model)
         grad_norms = _norms_with_aliases(grads, "debug/grad_norm", aliases)
         param_norms = _norms_with_aliases(params, "debug/param_norm", aliases)
