@@ -693,7 +693,12 @@ class RunConfig:
     seed: int = 0
     """Root seed of the run (model initialisation, training keys, the set sampler)."""
     early_stopping_patience: int = 0
-    """Stop after this many evaluations without a lower `eval_loss`; 0 disables."""
+    """Stop after this many evaluations without improvement of the monitored metric (`fid` when
+    the run computes it during training, else `eval_loss`); 0 disables."""
+    early_stopping_min_delta: float = 0.0
+    """An evaluation improves only when the monitored metric falls by more than this."""
+    keep_best: bool = True
+    """Keep the checkpoint of the best monitored metric under `run_dir/best/`."""
     progress: bool = True
     """Show a progress bar with steps/s and the ETA."""
     sample_every: int = 1000
@@ -739,10 +744,13 @@ class RunConfig:
                 raise ValueError(
                     f"RunConfig.{name}={value!r} is not allowed; it must be an integer."
                 )
-        if not isinstance(cast(object, self.progress), bool):
-            raise ValueError(
-                f"RunConfig.progress={self.progress!r} is not allowed; it must be True or False."
-            )
+        for name in ("progress", "keep_best"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(
+                    f"RunConfig.{name}={getattr(self, name)!r} is not allowed; "
+                    "it must be True or False."
+                )
+        check_range(self, "early_stopping_min_delta", low=0.0)
         check_choice(self, "wandb", get_args(WandbMode))
         project = cast(object, self.wandb_project)
         if not isinstance(project, str) or not project:

@@ -18,6 +18,7 @@ from PIL import Image
 from fsdm_eqx.config import OptimConfig, RunConfig
 from fsdm_eqx.instrument import ConsoleSink, JsonlSink, MultiSink, Sink, Visuals
 from fsdm_eqx.train import (
+    BEST_DIR,
     CheckpointError,
     NonFiniteError,
     TrainState,
@@ -331,11 +332,59 @@ def test_early_stopping_on_eval_loss(tmp_path, step_fn, capsys):
     assert "Early stopping at step 10" in capsys.readouterr().err
     _, metadata = restore_checkpoint(tmp_path, like=state)
     assert metadata["step"] == 10
-    assert metadata["early_stopping"] == {"best_eval_loss": 2.0, "evals_without_improvement": 3}
+    assert metadata["early_stopping"] == {
+        "monitor": "eval_loss",
+        "best": 2.0,
+        "evals_without_improvement": 3,
+    }
     # Restarted on the same directory, the run stays stopped.
     again = run(tmp_path, step_fn, num_steps=TOTAL, save_every=0, early_stopping_patience=3)
     assert int(again.step) == 10
     assert "stopped early at step 10" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("min_delta", "stop"), [(0.1, 6), (0.0, TOTAL)])
+def test_early_stopping_needs_an_improvement_above_min_delta(tmp_path, step_fn, min_delta, stop):
+    # 2.95 and 2.91 improve on 3.0 by less than 0.1: with min_delta=0.1 they do not count.
+    losses = iter([3.0, 2.95, 2.91, 2.9, 2.89, 2.88, 2.87, 2.86, 2.85, 2.84])
+    state = run(
+        tmp_path,
+        step_fn,
+        eval_fn=lambda state: {"eval_loss": next(losses)},
+        num_steps=TOTAL,
+        eval_every=2,
+        save_every=0,
+        early_stopping_patience=2,
+        early_stopping_min_delta=min_delta,
+    )
+    assert int(state.step) == stop
+
+
+def test_best_checkpoint_survives_rotation(tmp_path, step_fn):
+    fids = iter([5.0, 3.0, 4.0, 6.0, 3.5])
+    states = {}
+
+    def eval_fn(state):
+        states[int(state.step)] = leaves(state)  # the step donates its input buffers
+        return {"fid": next(fids), "eval_loss": 1.0}
+
+    run(
+        tmp_path,
+        step_fn,
+        eval_fn=eval_fn,
+        num_steps=10,
+        eval_every=2,
+        save_every=2,
+        keep_checkpoints=1,
+        hooks={"monitor": "fid"},
+    )
+    assert [p.name for p in tmp_path.glob("step_*")] == ["step_00000010"]
+    assert [p.name for p in (tmp_path / BEST_DIR).iterdir()] == ["step_00000004"]
+    best, metadata = restore_checkpoint(tmp_path / BEST_DIR, like=fresh_state())
+    assert metadata["early_stopping"]["monitor"] == "fid"
+    assert metadata["early_stopping"]["best"] == 3.0
+    assert all(np.array_equal(a, b) for a, b in zip(leaves(best), states[4], strict=True))
+    assert latest_checkpoint(tmp_path) == tmp_path / "step_00000010"
 
 
 def _leaves_of_file(path: pathlib.Path) -> list[np.ndarray]:

@@ -1,6 +1,7 @@
 """Training: the state PyTree, the optimiser, the pure step, data parallelism, checkpoints, loop."""
 
 from .checkpoint import (
+    BEST_DIR as BEST_DIR,
     CheckpointError as CheckpointError,
     DamagedCheckpointError as DamagedCheckpointError,
     latest_checkpoint as latest_checkpoint,
@@ -14,12 +15,14 @@ from .loop import NonFiniteError as NonFiniteError, train as train
 from .objective import fsdm_loss_fn as fsdm_loss_fn
 from .optimizer import (
     ScheduleState as ScheduleState,
+    applied_learning_rate as applied_learning_rate,
     current_learning_rate as current_learning_rate,
     ema_decay_at as ema_decay_at,
     ema_update as ema_update,
     learning_rate_at as learning_rate_at,
     learning_rate_schedule as learning_rate_schedule,
     make_optimizer as make_optimizer,
+    plateau_scale as plateau_scale,
     trainable_filter as trainable_filter,
 )
 from .parallel import (

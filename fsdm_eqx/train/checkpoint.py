@@ -30,6 +30,8 @@ from .state import TrainState
 
 STATE_FILE = "state.eqx"
 METADATA_FILE = "metadata.json"
+BEST_DIR = "best"
+"""The subdirectory of a run directory that holds the checkpoint of its best evaluation."""
 FORMAT_VERSION = 2
 """2: the optimiser state records the learning-rate schedule's count and horizon."""
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")

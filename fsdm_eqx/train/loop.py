@@ -27,6 +27,7 @@ from ..config import RunConfig
 from ..instrument.encoder import Visuals
 from ..instrument.sinks import Sink
 from .checkpoint import (
+    BEST_DIR,
     latest_checkpoint,
     restore_checkpoint,
     resumable_checkpoint,
@@ -105,6 +106,7 @@ def train(
     skip_nonfinite: bool = False,
     images_fn: Callable[[TrainState], dict[str, np.ndarray]] | None = None,
     visuals_fn: Callable[[TrainState], Visuals] | None = None,
+    monitor: str = "eval_loss",
 ) -> TrainState:
     """Train ``state`` to ``config.num_steps`` steps, resuming from ``config.run_dir``.
 
@@ -119,7 +121,7 @@ def train(
       `system/images_per_second`, `system/memory_in_use_bytes` and `system/memory_peak_bytes`
       (where the device reports them), `progress/percent_complete` and `progress/eta_seconds`.
     - `eval_fn`: `eval_fn(state) -> {"eval_loss": ..., ...}`, run every `config.eval_every`
-      steps; `eval_loss` drives early stopping.
+      steps; its `monitor` value drives early stopping and the best checkpoint.
     - `metadata`: JSON-able facts stored in every checkpoint (model/data configs, class splits).
     - `place_batch`: puts a host batch on the devices (e.g. `shard_batch`); `jnp.asarray` if None.
     - `skip_nonfinite`: pass `OptimConfig.skip_nonfinite`: when True a non-finite step (whose
@@ -129,6 +131,11 @@ def train(
       `config.sample_every` steps (e.g. generations on sets fixed at the start).
     - `visuals_fn`: `visuals_fn(state) -> Visuals`, run every `config.eval_every` steps; its
       images, histograms and scalars go to the sink's matching methods.
+    - `monitor`: the result of `eval_fn` that is better when lower (`eval_loss`, `fid`). An
+      evaluation that returns it and improves on the best by more than
+      `config.early_stopping_min_delta` resets early stopping's patience and, with
+      `config.keep_best`, is saved under `run_dir/best/` (one checkpoint, never rotated away).
+      Evaluations that do not return it leave both alone.
 
     **Returns:** the final state.
 
@@ -142,7 +149,7 @@ def train(
         **(metadata or {}),
         "run_config": dataclasses.asdict(config),
     }
-    best_eval = math.inf
+    best_value = math.inf
     evals_without_improvement = 0
     skipped = 0
 
@@ -152,8 +159,10 @@ def train(
         state, restored = restore_checkpoint(checkpoint, state)
         _warn_if_horizon_kept(checkpoint, asked, find_schedule_state(state.opt_state))
         stopping = restored.get("early_stopping", {})
-        best = stopping.get("best_eval_loss")
-        best_eval = math.inf if best is None else float(best)
+        best = stopping.get("best", stopping.get("best_eval_loss"))
+        if stopping.get("monitor", "eval_loss") != monitor:
+            best = None  # another metric: its best says nothing about this one
+        best_value = math.inf if best is None else float(best)
         evals_without_improvement = int(stopping.get("evals_without_improvement", 0))
         skipped = int(restored.get("skipped_updates", 0))
         print(f"Resuming from {checkpoint} at step {int(state.step)}.", file=sys.stderr)
@@ -164,21 +173,23 @@ def train(
         return state
     last_saved = step
 
-    def save(at_step: int) -> None:
+    def save(at_step: int, directory: pathlib.Path | str = run_dir, keep: int = 0) -> None:
         nonlocal last_saved
-        last_saved = at_step
+        if directory == run_dir:
+            last_saved = at_step
         if jax.process_index() != 0:
             return
         save_checkpoint(
-            run_dir,
+            directory,
             state,
-            keep=config.keep_checkpoints,
+            keep=keep or config.keep_checkpoints,
             metadata={
                 **run_metadata,
                 "sampler_position": at_step,
                 "skipped_updates": skipped,
                 "early_stopping": {
-                    "best_eval_loss": best_eval if math.isfinite(best_eval) else None,
+                    "monitor": monitor,
+                    "best": best_value if math.isfinite(best_value) else None,
                     "evals_without_improvement": evals_without_improvement,
                 },
             },
@@ -263,10 +274,12 @@ def train(
                 check(pending)
                 results = {k: float(v) for k, v in eval_fn(state).items()}
                 sink.log(results, step)
-                if "eval_loss" in results:
-                    if results["eval_loss"] < best_eval:
-                        best_eval = results["eval_loss"]
+                if monitor in results:
+                    if results[monitor] < best_value - config.early_stopping_min_delta:
+                        best_value = results[monitor]
                         evals_without_improvement = 0
+                        if config.keep_best:
+                            save(step, pathlib.Path(run_dir) / BEST_DIR, keep=1)
                     else:
                         evals_without_improvement += 1
                     if patience and evals_without_improvement >= patience:
@@ -276,8 +289,8 @@ def train(
                 save(step)
             if stopped_early:
                 print(
-                    f"Early stopping at step {step}: eval_loss has not improved on "
-                    f"{best_eval:.6g} for {evals_without_improvement} evaluations.",
+                    f"Early stopping at step {step}: {monitor} has not improved on "
+                    f"{best_value:.6g} for {evals_without_improvement} evaluations.",
                     file=sys.stderr,
                 )
                 break
