@@ -154,7 +154,7 @@ def applied_learning_rate(
 
 def make_optimizer(
     config: OptimConfig, model: PyTree, total_steps: int
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     """AdamW with the run's learning-rate schedule, per-subtree factors and clipping.
 
     Acts on ``eqx.filter(model, trainable_filter(model, config.frozen))``. The schedule is one
