@@ -1,13 +1,17 @@
 """The few-shot FID protocol with a cheap stand-in for Inception and generators of known quality."""
 
+import dataclasses
 import json
+import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.spatial.distance
 
 from fsdm_eqx.config import EvalConfig
+from fsdm_eqx.metrics.diversity import mean_pairwise_distance
 from fsdm_eqx.metrics.fewshot import (
     distro_label,
     draw_support_sets,
@@ -15,6 +19,7 @@ from fsdm_eqx.metrics.fewshot import (
     generate_for_sets,
     to_uint8,
 )
+from fsdm_eqx.metrics.reference_cache import FeatureCache, tree_digest
 
 HALF_LEVEL = (
     0.5 / 127.5
@@ -312,3 +317,90 @@ def test_the_fsdm_model_plugs_into_every_protocol():
 def test_eval_config_rejects_bad_values(field, value, message):
     with pytest.raises(ValueError, match=message):
         EvalConfig(**{field: value})
+
+
+def test_diversity_is_the_mean_pairwise_distance_within_each_set(dataset):
+    images, labels = dataset
+
+    def noisy(support, key):
+        return support + HALF_LEVEL + 0.3 * jax.random.normal(key, support.shape)
+
+    result = fewshot_fid(
+        noisy, images, labels, seen_in_training=False, config=CONFIG, features_fn=_pixels
+    )
+    sets = draw_support_sets(labels, (20, 21, 22, 23), num_sets=40, ns=5, seed=3)
+    real = _pixels(images[sets.indices].reshape(-1, 3, 4, 4)).reshape(40, 5, -1)
+    expected_real = np.mean([scipy.spatial.distance.pdist(group).mean() for group in real])
+    assert result.diversity_real == pytest.approx(expected_real, rel=1e-9)
+    assert result.diversity > 0
+    # Copying the support set reproduces its diversity; repeating one image has none.
+    copied = fewshot_fid(
+        copy_support, images, labels, seen_in_training=False, config=CONFIG, features_fn=_pixels
+    )
+    assert copied.diversity == pytest.approx(copied.diversity_real, rel=1e-9)
+
+    def repeat_first(support, key):
+        return jnp.broadcast_to(support[:1], support.shape) + HALF_LEVEL
+
+    repeated = fewshot_fid(
+        repeat_first, images, labels, seen_in_training=False, config=CONFIG, features_fn=_pixels
+    )
+    assert repeated.diversity == pytest.approx(0.0, abs=1e-6)
+
+
+def test_mean_pairwise_distance_matches_scipy():
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(6, 4, 9))
+    expected = np.mean([scipy.spatial.distance.pdist(group).mean() for group in features])
+    assert mean_pairwise_distance(features) == pytest.approx(expected, rel=1e-12)
+    with pytest.raises(ValueError, match="two members"):
+        mean_pairwise_distance(features[:, :1])
+
+
+def test_reference_statistics_are_extracted_once_and_reused(dataset, tmp_path):
+    images, labels = dataset
+    extracted = []
+
+    def counting_pixels(batch):
+        extracted.append(batch.copy())
+        return _pixels(batch)
+
+    def run(config=CONFIG):
+        extracted.clear()
+        result = fewshot_fid(
+            copy_support,
+            images,
+            labels,
+            seen_in_training=False,
+            config=config,
+            features_fn=counting_pixels,
+            reference_cache=tmp_path,
+            reference_tag="toy-test",
+        )
+        return result, sum(batch.shape[0] for batch in extracted)
+
+    first, count = run()
+    assert count == 400  # 200 real and 200 generated images
+    (cached,) = tmp_path.glob("toy-test-200-*.npz")
+    second, count = run()
+    assert count == 200  # only the generated images: the real ones come from the cache
+    assert second.fid == first.fid and second.kid_mean == first.kid_mean
+    # Other sets (another seed) are other real images: a new file, extracted again.
+    _, count = run(dataclasses.replace(CONFIG, seed=4))
+    assert count == 400 and len(list(tmp_path.glob("toy-test-200-*.npz"))) == 2
+    # A damaged file is recomputed rather than trusted.
+    cached.write_bytes(b"not an npz")
+    third, count = run()
+    assert count == 400 and third.fid == first.fid
+
+
+def test_the_reference_cache_key_follows_pixels_and_extractor():
+    images = np.zeros((4, 3, 2, 2), np.uint8)
+    cache = FeatureCache(pathlib.Path("/nonexistent"), "extractor-a", "t")
+    changed = images.copy()
+    changed[0, 0, 0, 0] = 1
+    assert cache.path_for(images) != cache.path_for(changed)
+    other = FeatureCache(pathlib.Path("/nonexistent"), "extractor-b", "t")
+    assert cache.path_for(images) != other.path_for(images)
+    assert cache.path_for(images) == cache.path_for(images.copy())
+    assert tree_digest({"w": np.ones(3)}) != tree_digest({"w": np.ones(3) * 2})

@@ -44,7 +44,10 @@ Where this implementation differs from the reference code, and why:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import os
+import pathlib
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, cast
 
@@ -54,6 +57,7 @@ import numpy as np
 from jaxtyping import Array, Float, Integer, PRNGKeyArray, UInt8
 
 from ..config import EvalConfig
+from .diversity import mean_pairwise_distance
 from .fid import (
     feature_statistics,
     frechet_distance,
@@ -61,6 +65,7 @@ from .fid import (
     kid,
     precision_recall,
 )
+from .reference_cache import FeatureCache, tree_digest
 
 __all__ = [
     "FewShotFIDResult",
@@ -95,6 +100,10 @@ class FewShotFIDResult:
     precision: float
     recall: float
     fid_per_class: dict[int, float]
+    diversity: float
+    """Mean pairwise Inception-feature distance between the images generated from one set."""
+    diversity_real: float
+    """The same figure for the real images of each set (one class each): the target."""
     distro: str
     """``"out-distro"`` (unseen classes) or ``"in-distro"`` (training classes)."""
     classes: tuple[int, ...]
@@ -250,7 +259,9 @@ def _features(
     return np.concatenate(parts)
 
 
-def _inception_features_fn(config: EvalConfig) -> tuple[FeatureFn, str]:
+def _inception_features_fn(config: EvalConfig) -> tuple[FeatureFn, str, str]:
+    """The FID Inception as a feature function, its name and its identity (name and weights
+    digest) for the reference cache."""
     from .inception import inception_features, load_inception
 
     model = load_inception(config.inception_weights)
@@ -258,7 +269,8 @@ def _inception_features_fn(config: EvalConfig) -> tuple[FeatureFn, str]:
     def features(images: UInt8[np.ndarray, "n c h w"]) -> Float[np.ndarray, "n d"]:
         return inception_features(model, images, batch_size=config.feature_batch_size)
 
-    return features, "inception-v3-2015-12-05-pool3 (tf1 resize)"
+    name = "inception-v3-2015-12-05-pool3 (tf1 resize)"
+    return features, name, f"{name} {tree_digest(model)}"
 
 
 def fewshot_fid(
@@ -272,6 +284,8 @@ def fewshot_fid(
     features_fn: FeatureFn | None = None,
     features_name: str | None = None,
     devices: Sequence[Any] | None = None,
+    reference_cache: str | os.PathLike[str] | None = None,
+    reference_tag: str = "reference",
 ) -> FewShotFIDResult:
     """Few-shot FID, KID, precision/recall and per-class FID of a set-conditional generator.
 
@@ -292,6 +306,10 @@ def fewshot_fid(
       Inception (`load_inception` with ``config.inception_weights``).
     - `features_name`: the name recorded for a custom `features_fn`.
     - `devices`: the devices generation is split over (default: `jax.local_devices()`).
+    - `reference_cache`: a directory where the real images' features and statistics are kept
+      (`FeatureCache`), so that a later evaluation of the same sets does not extract them
+      again; None computes them every time.
+    - `reference_tag`: the readable prefix of the cached file, e.g. ``"cifar100-test"``.
 
     **Returns:** a `FewShotFIDResult` (serialises to JSON with `to_json`).
     """
@@ -322,17 +340,25 @@ def fewshot_fid(
     fake = to_uint8(generated)
 
     if features_fn is None:
-        features_fn, name = _inception_features_fn(config)
+        features_fn, name, identity = _inception_features_fn(config)
     else:
         name = features_name or getattr(features_fn, "__name__", type(features_fn).__name__)
+        identity = name
     shape = real.shape[2:]
-    real_features = _features(features_fn, real.reshape(-1, *shape), config.feature_batch_size)
-    fake_features = _features(features_fn, fake.reshape(-1, *shape), config.feature_batch_size)
+    extract = functools.partial(_features, features_fn, batch_size=config.feature_batch_size)
+    real_flat = real.reshape(-1, *shape)
+    if reference_cache is None:
+        real_features = extract(real_flat)
+        real_stats = feature_statistics(real_features)
+    else:
+        cache = FeatureCache(pathlib.Path(reference_cache), identity, reference_tag)
+        reference = cache.statistics(real_flat, extract)
+        real_features, real_stats = reference.features, reference.stats
+    fake_features = extract(fake.reshape(-1, *shape))
     real_classes = np.repeat(sets.classes, config.ns)
     fake_classes = np.repeat(sets.classes, config.samples_per_set)
-
-    real_stats = feature_statistics(real_features)
     fake_stats = feature_statistics(fake_features)
+    dim = fake_features.shape[-1]
     kid_result = kid(
         real_features,
         fake_features,
@@ -353,6 +379,10 @@ def fewshot_fid(
         precision=pr.precision,
         recall=pr.recall,
         fid_per_class=per_class,
+        diversity=mean_pairwise_distance(fake_features.reshape(-1, config.samples_per_set, dim))
+        if config.samples_per_set >= 2
+        else float("nan"),
+        diversity_real=mean_pairwise_distance(real_features.reshape(-1, config.ns, dim)),
         distro=distro,
         classes=chosen,
         num_sets=config.num_sets,
