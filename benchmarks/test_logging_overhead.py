@@ -95,6 +95,11 @@ class TimedSink:
     ) -> None:
         self._timed(self.sink.log_table, name, columns, rows, step)
 
+    def log_confusion_matrix(
+        self, name: str, classes: list[str], counts: np.ndarray, step: int
+    ) -> None:
+        self._timed(self.sink.log_confusion_matrix, name, classes, counts, step)
+
     def close(self) -> None:
         self.sink.close()
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fsdm_eqx.instrument import ConsoleSink, JsonlSink, MultiSink, NullSink, Sink
-from fsdm_eqx.instrument.sinks import HISTOGRAM_BINS, histogram
+from fsdm_eqx.instrument.sinks import HISTOGRAM_BINS, confusion_table, histogram
 
 
 def test_histogram_counts_and_edges_by_hand():
@@ -66,6 +66,9 @@ class Recording:
     def log_table(self, name, columns, rows, step):
         self.calls.append(("table", (name, step)))
 
+    def log_confusion_matrix(self, name, classes, counts, step):
+        self.calls.append(("confusion", (name, step)))
+
     def close(self):
         self.calls.append(("close", None))
 
@@ -78,7 +81,19 @@ def test_multi_console_and_null_sinks_take_every_kind(capsys):
         assert isinstance(member, Sink)
     sink.log_histograms({"h": np.zeros(3)}, 5)
     sink.log_table("t", ["a"], [[1]], 5)
+    sink.log_confusion_matrix("c", ["x", "y"], np.eye(2, dtype=int), 5)
     sink.close()
-    expected = [("histograms", 5), ("table", ("t", 5)), ("close", None)]
+    expected = [("histograms", 5), ("table", ("t", 5)), ("confusion", ("c", 5)), ("close", None)]
     assert first.calls == expected and second.calls == expected
     assert capsys.readouterr().out == ""
+
+
+def test_confusion_matrix_is_kept_as_a_table_of_counts(tmp_path):
+    sink = JsonlSink(tmp_path)
+    counts = np.array([[3, 1], [0, 4]])
+    sink.log_confusion_matrix("Val/confusion_matrix", ["apple", "bee"], counts, 7)
+    sink.close()
+    table = json.loads((tmp_path / "tables" / "Val_confusion_matrix_00000007.json").read_text())
+    assert table == {"columns": ["true", "apple", "bee"], "rows": [["apple", 3, 1], ["bee", 0, 4]]}
+    with pytest.raises(ValueError, match=r"2 classes needs integer counts of shape \(2, 2\)"):
+        confusion_table(["a", "b"], np.ones((2, 3), int))

@@ -101,9 +101,10 @@ def test_sink_sends_each_kind_to_wandb_and_keeps_a_local_copy(wandb_env, tmp_pat
     sink.log_images({"generation/set_0": image}, 3)
     sink.log_histograms({"params/encoder": values}, 3)
     sink.log_table("fid/per_class", ["class", "fid"], [["apple", 12.5]], 3)
+    sink.log_confusion_matrix("Val/confusion_matrix", ["a", "b"], np.array([[2, 1], [0, 3]]), 3)
     sink.close()
     run = fake.runs[0]
-    assert run.finished and [step for step, _ in run.logged] == [3, 3, 3, 3]
+    assert run.finished and [step for step, _ in run.logged] == [3, 3, 3, 3, 3]
     assert run.logged[0][1] == {"loss": 0.5, "debug/grad_norm": 2.0}
     sent_image = run.logged[1][1]["generation/set_0"]
     assert isinstance(sent_image, wandb.Image)
@@ -115,6 +116,12 @@ def test_sink_sends_each_kind_to_wandb_and_keeps_a_local_copy(wandb_env, tmp_pat
     sent_table = run.logged[3][1]["fid/per_class"]
     assert isinstance(sent_table, wandb.Table)
     assert sent_table.columns == ["class", "fid"] and sent_table.data == [["apple", 12.5]]
+    confusion = run.logged[4][1]
+    chart_table = confusion["Val/confusion_matrix"].table
+    cells = {(row[0], row[1]): row[2] for row in chart_table.data}  # (actual, predicted, n)
+    assert cells[("a", "a")] == 2 and cells[("a", "b")] == 1 and cells[("b", "b")] == 3
+    assert cells.get(("b", "a"), 0) == 0
+    assert confusion["Val/confusion_matrix/counts"].data == [["a", 2, 1], ["b", 0, 3]]
 
     local = tmp_path / "run"
     lines = [json.loads(x) for x in (local / "metrics.jsonl").read_text().splitlines()]
@@ -331,6 +338,7 @@ def test_offline_training_run_records_every_key(wandb_env, tmp_path, step_fn, ca
         visuals_fn=visuals_fn,
     )
     sink.log_table("fid/per_class", ["class", "fid"], [["apple", 3.0]], TOTAL)
+    sink.log_confusion_matrix("Val/confusion_matrix", ["a", "b"], np.eye(2, dtype=int), TOTAL)
     sink.close()
     assert "wandb sync" in capsys.readouterr().err
 
@@ -352,6 +360,8 @@ def test_offline_training_run_records_every_key(wandb_env, tmp_path, step_fn, ca
     assert rows[6]["params/encoder/_type"] == "histogram"
     assert sum(rows[6]["params/encoder/values"]) == 12  # the encoder's 3x4 weights
     assert rows[6]["fid/per_class/_type"] == "table-file"
+    assert rows[6]["Val/confusion_matrix_table/_type"] == "table-file"  # the chart's data
+    assert rows[6]["Val/confusion_matrix/counts/_type"] == "table-file"
 
     (files,) = run_dir.glob("wandb/offline-run-*/files")
     logged_image = files / rows[2]["generation/set_0/path"]

@@ -57,6 +57,11 @@ class RecordingSink:
     ) -> None:
         self.tables.append((step, name, columns, rows))
 
+    def log_confusion_matrix(
+        self, name: str, classes: list[str], counts: np.ndarray, step: int
+    ) -> None:
+        self.tables.append((step, name, classes, counts))
+
     def close(self) -> None:
         self.closed = True
 

@@ -41,6 +41,13 @@ class Sink(Protocol):
         """Record a table ``name`` of ``rows`` (one value per column) at ``step``."""
         ...
 
+    def log_confusion_matrix(
+        self, name: str, classes: list[str], counts: np.ndarray, step: int
+    ) -> None:
+        """Record a confusion matrix of integer ``counts`` (row: true class, column: predicted
+        class, both in the order of ``classes``) at ``step``."""
+        ...
+
     def close(self) -> None:
         """Flush and release whatever the sink holds."""
         ...
@@ -103,6 +110,23 @@ def check_image(name: str, image: np.ndarray) -> np.ndarray:
     return image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image
 
 
+def confusion_table(
+    classes: list[str], counts: np.ndarray
+) -> tuple[list[str], list[list[float | int | str]]]:
+    """A confusion matrix as table columns and rows: ``["true", *classes]`` and, per true class,
+    its name followed by the counts of each predicted class."""
+    matrix = np.asarray(counts)
+    if matrix.shape != (len(classes), len(classes)) or not np.issubdtype(matrix.dtype, np.integer):
+        raise ValueError(
+            f"A confusion matrix of {len(classes)} classes needs integer counts of shape "
+            f"({len(classes)}, {len(classes)}); got {matrix.dtype} {matrix.shape}."
+        )
+    rows: list[list[float | int | str]] = [
+        [name, *(int(v) for v in row)] for name, row in zip(classes, matrix, strict=True)
+    ]
+    return ["true", *classes], rows
+
+
 def _finite_or_str(value: float) -> float | str:
     return value if math.isfinite(value) else str(value)
 
@@ -157,6 +181,12 @@ class JsonlSink:
         path = directory / f"{_safe_name(name)}_{int(step):08d}.json"
         path.write_text(json.dumps({"columns": list(columns), "rows": cells}), encoding="utf-8")
 
+    def log_confusion_matrix(
+        self, name: str, classes: list[str], counts: np.ndarray, step: int
+    ) -> None:
+        columns, rows = confusion_table(classes, counts)
+        self.log_table(name, columns, rows, step)
+
     def close(self) -> None:
         self._file.close()
 
@@ -175,6 +205,11 @@ class NullSink:
 
     def log_table(
         self, name: str, columns: list[str], rows: list[list[float | int | str]], step: int
+    ) -> None:
+        pass
+
+    def log_confusion_matrix(
+        self, name: str, classes: list[str], counts: np.ndarray, step: int
     ) -> None:
         pass
 
@@ -220,6 +255,12 @@ class MultiSink:
     ) -> None:
         for sink in self.sinks:
             sink.log_table(name, columns, rows, step)
+
+    def log_confusion_matrix(
+        self, name: str, classes: list[str], counts: np.ndarray, step: int
+    ) -> None:
+        for sink in self.sinks:
+            sink.log_confusion_matrix(name, classes, counts, step)
 
     def close(self) -> None:
         for sink in self.sinks:

@@ -22,7 +22,16 @@ import jax
 import numpy as np
 
 from ..config import RunConfig, WandbMode
-from .sinks import ConsoleSink, JsonlSink, MultiSink, NullSink, Sink, check_image, histogram
+from .sinks import (
+    ConsoleSink,
+    JsonlSink,
+    MultiSink,
+    NullSink,
+    Sink,
+    check_image,
+    confusion_table,
+    histogram,
+)
 
 _ENV_MODES: dict[str, Literal["online", "offline", "disabled"]] = {
     "online": "online",
@@ -242,6 +251,28 @@ class WandbSink:
             self._log({name: table}, step)
 
         self._call(f"table {name!r}", step, send)
+
+    def log_confusion_matrix(
+        self, name: str, classes: list[str], counts: np.ndarray, step: int
+    ) -> None:
+        self.local.log_confusion_matrix(name, classes, counts, step)
+        columns, rows = confusion_table(classes, counts)
+
+        def send() -> None:
+            # W&B's confusion-matrix chart takes one (true, predicted) pair per query.
+            matrix = np.asarray(counts)
+            true, predicted = np.nonzero(matrix)
+            repeats = matrix[true, predicted]
+            chart = self._wandb.plot.confusion_matrix(
+                y_true=np.repeat(true, repeats).tolist(),
+                preds=np.repeat(predicted, repeats).tolist(),
+                class_names=list(classes),
+                title=name,
+            )
+            table = self._wandb.Table(columns=columns, data=rows)
+            self._log({name: chart, f"{name}/counts": table}, step)
+
+        self._call(f"confusion matrix {name!r}", step, send)
 
     def close(self) -> None:
         """Close the local files and finish the W&B run (uploading what is left when online);
