@@ -2,7 +2,7 @@
 
 A standalone transcription (torch and numpy only; no JAX, no `fsdm_eqx`) of:
 
-- `fsdm_eqx/nn/vit.py` `ViTSetEncoder`: linear patch embedding (patches flattened as
+- `fsdm_eqx/nn/vit.py` `ImageTokenEncoder`: linear patch embedding (patches flattened as
   ``(p, p, c)``), class token, optional timestep token (a linear map of the sinusoidal embedding
   of ``t``, width 256), position embeddings shared by every image of the set, pre-norm
   transformer (bias-free q and fused k/v projections, exact GELU MLP, dropout on the embeddings,
@@ -66,7 +66,7 @@ import torch.nn.functional as F
 from torch import nn
 
 GROUPS = 32
-TIME_TOKEN_DIM = 256  # ViTSetEncoder's default `time_dim`, as `build_encoder` leaves it
+TIME_TOKEN_DIM = 256  # the set transformer's default `time_dim`, as `build_encoder` leaves it
 
 DIFFUSION_DEFAULTS = {  # fsdm_eqx.config.DiffusionConfig
     "num_steps": 1000,

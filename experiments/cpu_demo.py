@@ -37,8 +37,9 @@ from PIL import Image
 
 from fsdm_eqx.config import DiffusionConfig, ModelConfig, OptimConfig, ScheduleName
 from fsdm_eqx.data.omniglot import load_omniglot
-from fsdm_eqx.data.sets import SetSampler, to_float
-from fsdm_eqx.instrument.figures import tile_rows, to_uint8
+from fsdm_eqx.data.pixels import to_float
+from fsdm_eqx.data.sets import SetSampler
+from fsdm_eqx.instrument.figures import tile_rows, to_rgb
 from fsdm_eqx.metrics import kid
 from fsdm_eqx.metrics.transfer import nearest_class_accuracy, support_distances
 from fsdm_eqx.nn import FSDM, count_parameters
@@ -226,8 +227,8 @@ def figure(images: dict[str, np.ndarray], w: str, num_classes: int = 8) -> np.nd
     """Support rows (blue frame) over the images generated from them (no frame)."""
     rows = []
     for c in range(min(num_classes, len(images["support"]))):
-        rows.append([(t, (60, 90, 200)) for t in to_uint8(images["support"][c])])
-        rows.append([(t, None) for t in to_uint8(images[w][c])])
+        rows.append([(t, (60, 90, 200)) for t in to_rgb(images["support"][c])])
+        rows.append([(t, None) for t in to_rgb(images[w][c])])
     return tile_rows(rows)
 
 

@@ -1,24 +1,62 @@
 """Frozen configuration dataclasses, validated on construction.
 
-Every config checks its own fields in ``__post_init__``: a bad value raises one ``ValueError`` that
-names the field, the value given and what is allowed. The experiment CLI is generated from these
-dataclasses, so they are the single list of settings. The classes are marked ``no_type_check`` so
-that run-time type checkers leave the validation, and its message, to ``__post_init__``.
+Each field declares its constraint once, in its annotation: a ``Literal`` lists the allowed values,
+``Annotated`` attaches ``annotated_types`` bounds (the aliases of ``fsdm_eqx._custom_types``).
+``check_fields``, run by every config's ``__post_init__``, reads the annotations and raises one
+``ValueError`` that names the field, the value given and what is allowed; rules that tie several
+fields together follow it as explicit code. The experiment CLI is generated from these dataclasses,
+so they are the single list of settings. The classes are marked ``no_type_check`` so that run-time
+type checkers leave the validation, and its message, to ``__post_init__``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
-from typing import Annotated, Literal, TypeVar, cast, get_args
+import functools
+from collections.abc import Callable, Iterable, Mapping
+from types import NoneType, UnionType
+from typing import (
+    Annotated,
+    Literal,
+    TypeVar,
+    Union,
+    cast,
+    get_args,
+    get_origin,
+    get_type_hints,
+)
 
+import annotated_types as at
 import tyro
 
-ScheduleName = Literal["linear", "cosine"]
-VarianceType = Literal["fixed_small", "fixed_large", "learned_range"]
-LossType = Literal["mse", "hybrid"]
-SamplerName = Literal["ddpm", "ddim", "ode"]
-
+from ._custom_types import (
+    DATASET_IMAGE_SIZES,
+    DIT_SIZES,
+    GROUP_NORM_GROUPS,
+    ClassSplitName as ClassSplitName,
+    ConditioningName as ConditioningName,
+    DatasetName as DatasetName,
+    DenoiserName as DenoiserName,
+    DiTSize as DiTSize,
+    EncoderName as EncoderName,
+    LossType as LossType,
+    LRScheduleName as LRScheduleName,
+    NonEmpty,
+    NonNegativeFloat,
+    NonNegativeInt,
+    OmniglotSubsetName as OmniglotSubsetName,
+    PoolingName as PoolingName,
+    PositiveFloat,
+    PositiveInt,
+    PrecisionName as PrecisionName,
+    SamplerName as SamplerName,
+    ScheduleName as ScheduleName,
+    SplitPart as SplitPart,
+    UnitFloat,
+    UnitFloatBelowOne,
+    VarianceType as VarianceType,
+    WandbMode as WandbMode,
+)
 
 _Config = TypeVar("_Config")
 
@@ -32,15 +70,131 @@ def no_type_check(cls: type[_Config]) -> type[_Config]:
     return cls
 
 
-def check_choice(owner: object, field: str, allowed: Iterable[object]) -> None:
-    """Raise a ``ValueError`` unless ``owner.field`` is one of ``allowed``."""
-    value = getattr(owner, field)
-    allowed = tuple(allowed)
-    if value not in allowed:
-        raise ValueError(
-            f"{type(owner).__name__}.{field}={value!r} is not allowed; "
-            f"choose one of {', '.join(repr(a) for a in allowed)}."
-        )
+_TYPES: dict[type, tuple[tuple[type, ...], str]] = {
+    bool: ((bool,), "it must be True or False"),
+    int: ((int,), "it must be an integer"),
+    float: ((int, float), "it must be a number"),
+    str: ((str,), "it must be a string"),
+    tuple: ((tuple,), "it must be a tuple"),
+}
+"""Run-time types of the annotations the validator checks, and what it says when they differ."""
+
+
+def _listing(values: Iterable[object]) -> str:
+    return ", ".join(repr(v) for v in values)
+
+
+def _problem(value: object, hint: object) -> tuple[str, str] | None:
+    """What is wrong with ``value`` under the annotation ``hint``, or None when nothing is.
+
+    The answer is (what follows the field's name, what is allowed): ``("=0 is not allowed",
+    "it must lie in [1, inf]")``, ``(" holds 'x', which is not allowed", "choose one of ...")``.
+    """
+    metadata: list[object] = []
+    if get_origin(hint) is Annotated:
+        hint, *metadata = get_args(hint)
+    options = get_args(hint) if get_origin(hint) in (Union, UnionType) else (hint,)
+    if all(get_origin(o) is Literal or o is NoneType for o in options):
+        allowed = [v for o in options for v in (get_args(o) if o is not NoneType else (None,))]
+        if any(type(v) is type(value) and v == value for v in allowed):
+            return None
+        return f"={value!r} is not allowed", f"choose one of {_listing(allowed)}"
+    if NoneType in options:
+        if value is None:
+            return None
+        (inner,) = (o for o in options if o is not NoneType)
+        problem = _problem(value, Annotated[(inner, *metadata)] if metadata else inner)
+        return problem and (problem[0], f"{problem[1]}, or be None")
+    base = get_origin(hint) or hint
+    if base in _TYPES:
+        types, requirement = _TYPES[base]
+        if not isinstance(value, types) or (base is not bool and isinstance(value, bool)):
+            return f"={value!r} is not allowed", requirement
+    if base is tuple and isinstance(value, tuple):
+        items = get_args(hint)
+        hints = [items[0]] * len(value) if items[1:] == (...,) else items
+        for item, item_hint in zip(value, hints, strict=False):
+            problem = _problem(item, item_hint)
+            if problem:
+                return f" holds {item!r}, which is not allowed", problem[1]
+    return _metadata_problem(value, metadata)
+
+
+def _metadata_problem(value: object, metadata: Iterable[object]) -> tuple[str, str] | None:
+    """What breaks the ``annotated_types`` bounds and lengths in ``metadata``, or None."""
+    low: float | None = None
+    high: float | None = None
+    low_open = high_open = False
+    for group in metadata:
+        for m in group if isinstance(group, at.GroupedMetadata) else [group]:
+            if isinstance(m, at.Ge | at.Gt):
+                low = cast(float, m.ge if isinstance(m, at.Ge) else m.gt)
+                low_open = isinstance(m, at.Gt)
+            elif isinstance(m, at.Le | at.Lt):
+                high = cast(float, m.le if isinstance(m, at.Le) else m.lt)
+                high_open = isinstance(m, at.Lt)
+            elif isinstance(m, at.MinLen):
+                if isinstance(value, str | tuple) and len(value) < m.min_length:
+                    unit = "character" if isinstance(value, str) else "item"
+                    what = " is empty" if value == () else f"={value!r} is not allowed"
+                    plural = "s" if m.min_length > 1 else ""
+                    return what, f"it must hold at least {m.min_length} {unit}{plural}"
+            elif isinstance(m, at.BaseMetadata):
+                raise TypeError(f"the config validator does not know the constraint {m!r}.")
+    if not isinstance(value, int | float) or (low is None and high is None):
+        return None
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if not (too_low or too_high):
+        return None
+    interval = (
+        f"{'(' if low_open else '['}{'-inf' if low is None else low}, "
+        f"{'inf' if high is None else high}{')' if high_open else ']'}"
+    )
+    return f"={value!r} is not allowed", f"it must lie in {interval}"
+
+
+def check_value(name: str, value: object, hint: object) -> None:
+    """Raise one ``ValueError`` naming ``name`` unless ``value`` satisfies the annotation ``hint``.
+
+    Understood: ``Literal`` (its values), ``bool``, ``int``, ``float``, ``str``, ``tuple[X, ...]``
+    (each item), unions with ``None``, and ``Annotated`` with the ``annotated_types`` bounds
+    (``Ge``, ``Gt``, ``Le``, ``Lt``, ``Interval``) and ``MinLen``. Any other annotation (an
+    array, a module) is left to the type checker.
+    """
+    problem = _problem(value, hint)
+    if problem is not None:
+        raise ValueError(f"{name}{problem[0]}; {problem[1]}.")
+
+
+@functools.cache
+def _field_hints(cls: type) -> dict[str, object]:
+    hints = get_type_hints(cls, include_extras=True)
+    return {field.name: hints[field.name] for field in dataclasses.fields(cls)}
+
+
+def check_fields(obj: object) -> None:
+    """Check every field of the dataclass ``obj`` against its annotation (see `check_value`)."""
+    cls = type(obj)
+    for name, hint in _field_hints(cls).items():
+        check_value(f"{cls.__name__}.{name}", getattr(obj, name), hint)
+
+
+@functools.cache
+def _argument_hints(function: Callable[..., object]) -> dict[str, object]:
+    return get_type_hints(function, include_extras=True)
+
+
+def check_arguments(function: Callable[..., object], arguments: Mapping[str, object]) -> None:
+    """Check the ``arguments`` of a call of ``function`` against its annotated parameters.
+
+    Called first thing in an ``__init__`` as ``check_arguments(Cls.__init__, locals())``, so that
+    a module built without a config gets the same one-sentence errors as a config.
+    """
+    owner = function.__qualname__.rsplit(".", 1)[0]
+    for name, hint in _argument_hints(function).items():
+        if name in arguments and name != "return":
+            check_value(f"{owner}.{name}", arguments[name], hint)
 
 
 def check_range(
@@ -52,20 +206,17 @@ def check_range(
     low_inclusive: bool = True,
     high_inclusive: bool = True,
 ) -> None:
-    """Raise a ``ValueError`` unless ``owner.field`` is a number within the given bounds."""
-    value = getattr(owner, field)
-    name = f"{type(owner).__name__}.{field}"
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{name}={value!r} is not allowed; it must be a number.")
-    too_low = low is not None and (value < low if low_inclusive else value <= low)
-    too_high = high is not None and (value > high if high_inclusive else value >= high)
-    if too_low or too_high:
-        lo = "-inf" if low is None else f"{low}"
-        hi = "inf" if high is None else f"{high}"
-        brackets = ("[" if low_inclusive else "(", "]" if high_inclusive else ")")
-        raise ValueError(
-            f"{name}={value!r} is not allowed; it must lie in {brackets[0]}{lo}, {hi}{brackets[1]}."
-        )
+    """Raise a ``ValueError`` unless ``owner.field`` is a number within the given bounds.
+
+    For bounds that depend on other fields; a fixed bound belongs in the field's annotation.
+    """
+    bounds: list[object] = []
+    if low is not None:
+        bounds.append(at.Ge(low) if low_inclusive else at.Gt(low))
+    if high is not None:
+        bounds.append(at.Le(high) if high_inclusive else at.Lt(high))
+    hint = Annotated[(float, *bounds)] if bounds else float
+    check_value(f"{type(owner).__name__}.{field}", getattr(owner, field), hint)
 
 
 @no_type_check
@@ -78,7 +229,7 @@ class DiffusionConfig:
     (improved DDPM), trained by the hybrid loss ``L_simple + vlb_weight * L_vlb``.
     """
 
-    num_steps: int = 1000
+    num_steps: Annotated[int, at.Ge(2)] = 1000
     """Diffusion steps T used in training."""
     schedule: ScheduleName = "linear"
     """Beta schedule: `linear` (Ho et al., scaled by 1000/T) or `cosine` (Nichol & Dhariwal)."""
@@ -87,48 +238,32 @@ class DiffusionConfig:
     (`fixed_large`), or learned as an interpolation between them (`learned_range`)."""
     loss: LossType = "hybrid"
     """`mse`: epsilon MSE only; `hybrid`: MSE + vlb_weight * L_vlb (needs a learned variance)."""
-    vlb_weight: float = 0.001
+    vlb_weight: NonNegativeFloat = 0.001
     """lambda of the hybrid loss, weighting L_vlb = T * E_t[L_t]; 0.001 as in improved DDPM."""
-    sampling_steps: int = 250
+    sampling_steps: PositiveInt = 250
     """Steps used to sample, respaced evenly over the T training steps (improved DDPM)."""
     sampler: SamplerName = "ddpm"
     """`ddpm` ancestral sampling, `ddim` with `ddim_eta`, or the probability-flow `ode`."""
-    ddim_eta: float = 0.0
+    ddim_eta: UnitFloat = 0.0
     """DDIM stochasticity: 0 is deterministic, 1 matches DDPM's marginals."""
-    ode_rtol: float = 1e-4
+    ode_rtol: PositiveFloat = 1e-4
     """Relative tolerance of the adaptive probability-flow ODE solver."""
-    ode_atol: float = 1e-4
+    ode_atol: PositiveFloat = 1e-4
     """Absolute tolerance of the adaptive probability-flow ODE solver."""
-    ode_max_steps: int = 4096
+    ode_max_steps: PositiveInt = 4096
     """Most steps the ODE solver may take; a solve that needs more stops with an error."""
     clip_denoised: bool = True
     """Clip the predicted x_0 to [-1, 1] at every DDPM/DDIM step; the ODE sampler clips only its
     final sample, so that it integrates the probability-flow ODE itself."""
-    guidance_scale: float = 1.0
+    guidance_scale: NonNegativeFloat = 1.0
     """Classifier-free guidance on the context: the sampler's noise prediction is
     ``eps_null + w (eps_c - eps_null)``; 1 is plain conditional sampling, 0 the null-context model,
     above 1 a stronger pull towards the support's class (needs `ModelConfig.null_context_prob > 0`
     in training)."""
 
     def __post_init__(self) -> None:
-        check_range(self, "num_steps", low=2)
-        check_choice(self, "schedule", get_args(ScheduleName))
-        check_choice(self, "variance", get_args(VarianceType))
-        check_choice(self, "loss", get_args(LossType))
-        check_choice(self, "sampler", get_args(SamplerName))
-        check_range(self, "vlb_weight", low=0.0)
+        check_fields(self)
         check_range(self, "sampling_steps", low=1, high=self.num_steps)
-        check_range(self, "ddim_eta", low=0.0, high=1.0)
-        check_range(self, "guidance_scale", low=0.0)
-        check_range(self, "ode_rtol", low=0.0, low_inclusive=False)
-        check_range(self, "ode_atol", low=0.0, low_inclusive=False)
-        check_range(self, "ode_max_steps", low=1)
-        for name in ("num_steps", "sampling_steps", "ode_max_steps"):
-            if not isinstance(getattr(self, name), int):
-                raise ValueError(
-                    f"DiffusionConfig.{name}={getattr(self, name)!r} is not allowed; "
-                    "it must be an integer."
-                )
         if self.loss == "hybrid" and self.variance != "learned_range":
             raise ValueError(
                 f"DiffusionConfig.loss='hybrid' is not allowed with variance={self.variance!r}; "
@@ -147,10 +282,6 @@ class DiffusionConfig:
         return self.variance == "learned_range"
 
 
-LRScheduleName = Literal["constant", "cosine", "step", "plateau"]
-PrecisionName = Literal["float32", "bfloat16"]
-
-
 @no_type_check
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
@@ -159,42 +290,42 @@ class OptimConfig:
     Subtrees are the model's top-level fields (for `FSDM`: encoder, posterior, denoiser).
     """
 
-    lr: float = 1e-4
+    lr: PositiveFloat = 1e-4
     """Peak learning rate."""
-    weight_decay: float = 0.0
+    weight_decay: NonNegativeFloat = 0.0
     """AdamW's decoupled weight decay."""
-    b1: float = 0.9
+    b1: UnitFloatBelowOne = 0.9
     """Adam's first-moment decay."""
-    b2: float = 0.999
+    b2: UnitFloatBelowOne = 0.999
     """Adam's second-moment decay."""
-    eps: float = 1e-8
+    eps: NonNegativeFloat = 1e-8
     """Adam's denominator offset."""
-    grad_clip: float = 0.0
+    grad_clip: NonNegativeFloat = 0.0
     """Clip gradients to this global norm; 0 disables clipping."""
-    warmup_steps: int = 0
+    warmup_steps: NonNegativeInt = 0
     """Linear warm-up from 0 to `lr` over this many steps."""
     lr_schedule: LRScheduleName = "constant"
     """After warm-up: `constant`; `cosine` decay to 0 at the run's last step (the length the
     run started with: a resumed run keeps its schedule); `step` decay by `lr_decay_factor` every
     `lr_decay_every` steps; or `plateau`: reduce by `lr_decay_factor` when the training loss,
     averaged over `plateau_window` steps, has not improved for `plateau_patience` windows."""
-    lr_decay_factor: float = 0.1
+    lr_decay_factor: Annotated[float, at.Interval(gt=0.0, le=1.0)] = 0.1
     """Factor of each reduction of the `step` and `plateau` schedules."""
-    lr_decay_every: int = 10_000
+    lr_decay_every: PositiveInt = 10_000
     """Steps between two reductions of the `step` schedule (counted after warm-up)."""
-    plateau_window: int = 200
+    plateau_window: PositiveInt = 200
     """Steps whose training loss is averaged for one comparison of the `plateau` schedule."""
-    plateau_patience: int = 5
+    plateau_patience: PositiveInt = 5
     """Windows without a relative improvement of 1e-4 before the `plateau` schedule reduces."""
     lr_multipliers: tuple[tuple[str, float], ...] = ()
     """Per-subtree learning-rate factors, e.g. (("encoder", 2.0),)."""
     frozen: tuple[str, ...] = ()
     """Subtrees that are not trained, e.g. ("encoder",)."""
-    ema_decay: float = 0.995
+    ema_decay: UnitFloat = 0.995
     """Decay of the exponential moving average of the parameters."""
-    ema_start: int = 2000
+    ema_start: NonNegativeInt = 2000
     """Before this step the EMA copies the model."""
-    ema_every: int = 10
+    ema_every: PositiveInt = 10
     """The EMA is updated every this many steps."""
     skip_nonfinite: bool = False
     """On a non-finite loss or gradient: skip the update (True) or stop the run (False)."""
@@ -202,21 +333,7 @@ class OptimConfig:
     """Compute dtype of the network; parameters, optimiser state and losses stay float32."""
 
     def __post_init__(self) -> None:
-        check_range(self, "lr", low=0.0, low_inclusive=False)
-        check_range(self, "weight_decay", low=0.0)
-        check_range(self, "b1", low=0.0, high=1.0, high_inclusive=False)
-        check_range(self, "b2", low=0.0, high=1.0, high_inclusive=False)
-        check_range(self, "eps", low=0.0)
-        check_range(self, "grad_clip", low=0.0)
-        check_range(self, "warmup_steps", low=0)
-        check_choice(self, "lr_schedule", get_args(LRScheduleName))
-        check_range(self, "lr_decay_factor", low=0.0, high=1.0, low_inclusive=False)
-        for name in ("lr_decay_every", "plateau_window", "plateau_patience"):
-            check_range(self, name, low=1)
-        check_range(self, "ema_decay", low=0.0, high=1.0)
-        check_range(self, "ema_start", low=0)
-        check_range(self, "ema_every", low=1)
-        check_choice(self, "precision", get_args(PrecisionName))
+        check_fields(self)
         names = [name for name, _ in self.lr_multipliers] + list(self.frozen)
         if len(set(names)) != len(names):
             raise ValueError(
@@ -229,12 +346,6 @@ class OptimConfig:
                     f"OptimConfig.lr_multipliers has {name!r}: {factor!r}; factors must be > 0 "
                     "(freeze a subtree with `frozen` instead)."
                 )
-
-
-DatasetName = Literal["cifar100", "omniglot", "mnist"]
-ClassSplitName = Literal["fc100", "random", "background_evaluation"]
-SplitPart = Literal["train", "val", "test"]
-OmniglotSubsetName = Literal["background", "evaluation", "background_small1", "background_small2"]
 
 
 @no_type_check
@@ -250,59 +361,43 @@ class DataConfig:
     """Download cache; None uses $FSDM_EQX_CACHE or ~/.cache/fsdm_eqx."""
     download: bool = True
     """Whether missing files may be downloaded."""
-    omniglot_subsets: tuple[OmniglotSubsetName, ...] = ("background", "evaluation")
+    omniglot_subsets: Annotated[tuple[OmniglotSubsetName, ...], NonEmpty] = (
+        "background",
+        "evaluation",
+    )
     """Omniglot's zips ``images_<subset>.zip`` to read: the full `background` and `evaluation`
     sets, or the official small subsets `background_small1`/`2` (with `class_split='random'`)."""
     class_split: ClassSplitName = "fc100"
     """`fc100` (CIFAR-100 by superclass, 60/20/20), `random` (seeded, 60/20/20 of the classes),
     or `background_evaluation` (Omniglot's official split: background characters for training,
     less a seeded 10% of them held out for validation; evaluation characters for testing)."""
-    split_seed: int = 0
+    split_seed: NonNegativeInt = 0
     """Seed of the `random` class split and of the `background_evaluation` validation hold-out."""
     split: SplitPart = "train"
     """Which classes the sampler draws from."""
-    ns: int = 6
+    ns: PositiveInt = 6
     """Images per set: the reference trains on sets of 6, each image generated from the other 5."""
-    batch_size: int = 32
+    batch_size: PositiveInt = 32
     """Sets per batch, over all hosts."""
-    image_size: int = 32
+    image_size: PositiveInt = 32
     """Side of the square images: 32 for CIFAR-100, 28 or 32 for Omniglot, 28 for MNIST."""
     flips: bool = False
     """Flip whole sets left-right and upside-down, each with probability 1/2 (training only)."""
-    prefetch: int = 2
+    prefetch: NonNegativeInt = 2
     """Batches prepared ahead by the sampler's background threads (0: none)."""
-    workers: int = 1
+    workers: PositiveInt = 1
     """Background threads preparing batches; raise it on a many-core host."""
-    seed: int = 0
+    seed: NonNegativeInt = 0
     """Seed of the stream of batches."""
 
     def __post_init__(self) -> None:
-        check_choice(self, "dataset", get_args(DatasetName))
-        check_choice(self, "class_split", get_args(ClassSplitName))
-        check_choice(self, "split", get_args(SplitPart))
-        if not self.omniglot_subsets:
-            raise ValueError("DataConfig.omniglot_subsets is empty; name at least one subset.")
-        for subset in self.omniglot_subsets:
-            if subset not in get_args(OmniglotSubsetName):
-                raise ValueError(
-                    f"DataConfig.omniglot_subsets holds {subset!r}, which is not allowed; choose "
-                    f"from {', '.join(repr(a) for a in get_args(OmniglotSubsetName))}."
-                )
-        names = ("split_seed", "ns", "batch_size", "image_size", "prefetch", "workers", "seed")
-        for name in names:
-            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
-                raise ValueError(
-                    f"DataConfig.{name}={getattr(self, name)!r} is not allowed; "
-                    "it must be an integer."
-                )
-        check_range(self, "split_seed", low=0)
-        check_range(self, "ns", low=1)
-        check_range(self, "batch_size", low=1)
-        check_range(self, "prefetch", low=0)
-        check_range(self, "workers", low=1)
-        check_range(self, "seed", low=0)
-        sizes = {"cifar100": (32,), "omniglot": (28, 32), "mnist": (28,)}[self.dataset]
-        check_choice(self, "image_size", sizes)
+        check_fields(self)
+        sizes = DATASET_IMAGE_SIZES[self.dataset]
+        if self.image_size not in sizes:
+            raise ValueError(
+                f"DataConfig.image_size={self.image_size!r} is not allowed; choose one of "
+                f"{_listing(sizes)} for dataset={self.dataset!r}."
+            )
         if self.class_split == "fc100" and self.dataset != "cifar100":
             raise ValueError(
                 f"DataConfig.class_split='fc100' is not allowed with dataset={self.dataset!r}; "
@@ -313,13 +408,6 @@ class DataConfig:
                 "DataConfig.class_split='background_evaluation' is not allowed with "
                 f"dataset={self.dataset!r}; it is Omniglot's split: use class_split='random'."
             )
-
-
-EncoderName = Literal["vit", "svit"]
-PoolingName = Literal["cls", "mean", "sum", "mean_patch"]
-ConditioningName = Literal["film", "lag"]
-DenoiserName = Literal["dit", "unet"]
-DiTSize = Literal["S", "B"]
 
 
 @no_type_check
@@ -338,19 +426,19 @@ class ModelConfig:
     """How the encoder's tokens become the context: `cls`, `mean`, `sum` or `mean_patch` (LAG)."""
     conditioning: ConditioningName = "film"
     """`film`: the context vector modulates the denoiser; `lag`: its tokens are attended to."""
-    hdim: int = 256
+    hdim: PositiveInt = 256
     """Width of the encoder and size of the context (per token for LAG)."""
-    encoder_depth: int = 6
+    encoder_depth: PositiveInt = 6
     """Transformer blocks of the encoder."""
-    encoder_heads: int = 12
+    encoder_heads: PositiveInt = 12
     """Attention heads of the encoder."""
-    encoder_head_dim: int = 64
+    encoder_head_dim: PositiveInt = 64
     """Width of each encoder attention head."""
-    encoder_mlp_dim: int = 256
+    encoder_mlp_dim: PositiveInt = 256
     """Hidden width of the encoder's MLPs."""
-    encoder_dropout: float = 0.0
+    encoder_dropout: UnitFloatBelowOne = 0.0
     """Dropout in the encoder (embeddings, attention outputs, MLPs)."""
-    encoder_patch_size: int = 8
+    encoder_patch_size: PositiveInt = 8
     """Side of the encoder's square patches; divides `image_size`."""
     encoder_time_token: bool = False
     """Feed the diffusion timestep to the encoder as a token, in training and sampling alike (the
@@ -363,39 +451,39 @@ class ModelConfig:
     dit_size: DiTSize | None = "S"
     """Named DiT size (`S`: 384 wide, 12 deep, 6 heads; `B`: 768, 12, 12), or None to give
     `dit_hidden`, `dit_depth` and `dit_heads` explicitly."""
-    dit_hidden: int | None = None
+    dit_hidden: PositiveInt | None = None
     """DiT width, overriding the named size."""
-    dit_depth: int | None = None
+    dit_depth: PositiveInt | None = None
     """DiT depth, overriding the named size."""
-    dit_heads: int | None = None
+    dit_heads: PositiveInt | None = None
     """DiT heads, overriding the named size."""
-    dit_patch_size: int = 2
+    dit_patch_size: PositiveInt = 2
     """Side of the DiT's square patches; divides `image_size`."""
     dit_gate_bias: float = 0.0
     """Initial bias of the DiT blocks' adaLN gates: 0 is adaLN-Zero, positive warm-starts."""
-    image_size: int = 32
+    image_size: PositiveInt = 32
     """Side of the square images."""
-    channels: int = 3
+    channels: PositiveInt = 3
     """Image channels."""
-    ns: int = 6
+    ns: Annotated[int, at.Ge(2)] = 6
     """Images per set in training (each is generated from the other ns - 1); `FSDM.loss` checks
     the sets it is given against it."""
     learned_variance: bool = True
     """The denoiser also outputs the variance interpolation (2 * channels outputs); must agree
     with `DiffusionConfig.variance`."""
-    unet_model_channels: int = 64
+    unet_model_channels: PositiveInt = 64
     """UNet channels of the first level (a multiple of 32)."""
-    unet_channel_mult: tuple[int, ...] = (1, 2, 3, 4)
+    unet_channel_mult: Annotated[tuple[PositiveInt, ...], NonEmpty] = (1, 2, 3, 4)
     """UNet channel multiplier per level."""
-    unet_num_res_blocks: int = 2
+    unet_num_res_blocks: PositiveInt = 2
     """UNet residual blocks per level."""
-    unet_attention_resolutions: tuple[int, ...] = (16, 8)
+    unet_attention_resolutions: tuple[PositiveInt, ...] = (16, 8)
     """Feature-map sides at which the UNet attends."""
-    unet_num_heads: int = 4
+    unet_num_heads: PositiveInt = 4
     """UNet attention heads."""
-    unet_dropout: float = 0.2
+    unet_dropout: UnitFloatBelowOne = 0.2
     """Dropout in the UNet's residual blocks."""
-    null_context_prob: float = 0.1
+    null_context_prob: UnitFloatBelowOne = 0.1
     """Probability that a training image sees the learned null context instead of its set's:
     the null-context model it trains is what classifier-free guidance
     (`DiffusionConfig.guidance_scale`) steers away from. 0 trains no null context."""
@@ -404,47 +492,7 @@ class ModelConfig:
     residual and attention block, and around each encoder call: less memory, more compute."""
 
     def __post_init__(self) -> None:
-        if not isinstance(cast(object, self.remat), bool):
-            raise ValueError(f"ModelConfig.remat={self.remat!r} is not allowed; use True or False.")
-        check_choice(self, "encoder", get_args(EncoderName))
-        check_choice(self, "pooling", get_args(PoolingName))
-        check_choice(self, "conditioning", get_args(ConditioningName))
-        check_choice(self, "denoiser", get_args(DenoiserName))
-        check_choice(self, "dit_size", (*get_args(DiTSize), None))
-        positive = (
-            "hdim",
-            "encoder_depth",
-            "encoder_heads",
-            "encoder_head_dim",
-            "encoder_mlp_dim",
-            "encoder_patch_size",
-            "dit_patch_size",
-            "image_size",
-            "channels",
-            "unet_model_channels",
-            "unet_num_res_blocks",
-            "unet_num_heads",
-        )
-        for name in positive:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(
-                    f"ModelConfig.{name}={value!r} is not allowed; it must be a positive integer."
-                )
-        for name in ("dit_hidden", "dit_depth", "dit_heads"):
-            value = getattr(self, name)
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int) or value < 1
-            ):
-                raise ValueError(
-                    f"ModelConfig.{name}={value!r} is not allowed; it must be None or a "
-                    "positive integer."
-                )
-        check_range(self, "ns", low=2)
-        check_range(self, "encoder_dropout", low=0.0, high=1.0, high_inclusive=False)
-        check_range(self, "null_context_prob", low=0.0, high=1.0, high_inclusive=False)
-        check_range(self, "unet_dropout", low=0.0, high=1.0, high_inclusive=False)
-        check_range(self, "dit_gate_bias")
+        check_fields(self)
         if (self.conditioning == "lag") != (self.pooling == "mean_patch"):
             raise ValueError(
                 f"ModelConfig.conditioning={self.conditioning!r} is not allowed with "
@@ -474,22 +522,16 @@ class ModelConfig:
                     f"ModelConfig DiT width {hidden} is not allowed with {heads} heads; it must "
                     "be a multiple of 4 and of the number of heads."
                 )
-        else:
-            if self.unet_model_channels % 32:
-                raise ValueError(
-                    f"ModelConfig.unet_model_channels={self.unet_model_channels} is not allowed; "
-                    "it must be a multiple of 32 (GroupNorm with 32 groups)."
-                )
-            if not self.unet_channel_mult or min(self.unet_channel_mult) < 1:
-                raise ValueError(
-                    f"ModelConfig.unet_channel_mult={self.unet_channel_mult!r} is not allowed; "
-                    "give one positive multiplier per level."
-                )
+        elif self.unet_model_channels % GROUP_NORM_GROUPS:
+            raise ValueError(
+                f"ModelConfig.unet_model_channels={self.unet_model_channels} is not allowed; "
+                f"it must be a multiple of {GROUP_NORM_GROUPS} (the GroupNorm groups)."
+            )
 
     @property
     def dit_dims(self) -> tuple[int, int, int]:
         """The DiT's (hidden width, depth, heads): the named size with explicit overrides."""
-        named = {"S": (384, 12, 6), "B": (768, 12, 12), None: (0, 0, 0)}[self.dit_size]
+        named = (0, 0, 0) if self.dit_size is None else DIT_SIZES[self.dit_size]
         return (
             self.dit_hidden or named[0],
             self.dit_depth or named[1],
@@ -594,83 +636,46 @@ class EvalConfig:
     steps, so 10,000 generated images against the 10,000 pooled real images of the sets.
     """
 
-    num_sets: int = 2000
+    num_sets: PositiveInt = 2000
     """Support sets drawn for the FID protocol (10,000 real images at ns = 5)."""
-    ns: int = 5
+    ns: Annotated[int, at.Ge(2)] = 5
     """Real images per support set."""
-    samples_per_set: int = 5
+    samples_per_set: PositiveInt = 5
     """Images generated from each support set (10,000 in all at the defaults)."""
     sampler: SamplerName = "ddpm"
     """Sampler used to generate: `ddpm` ancestral (the reference), `ddim` or `ode`."""
-    sampling_steps: int = 250
+    sampling_steps: PositiveInt = 250
     """Respaced sampling steps (250 in the reference)."""
-    seed: int = 0
+    seed: NonNegativeInt = 0
     """Seed of the support sets, the generation keys and the KID subsets."""
-    generate_batch_size: int = 32
+    generate_batch_size: PositiveInt = 32
     """Support sets per generation call (one compiled shape; the last batch is padded)."""
-    feature_batch_size: int = 250
+    feature_batch_size: PositiveInt = 250
     """Images per call of the feature extractor."""
-    kid_subset_size: int = 1000
+    kid_subset_size: Annotated[int, at.Ge(2)] = 1000
     """Rows per KID subset (torch-fidelity's default)."""
-    kid_num_subsets: int = 100
+    kid_num_subsets: PositiveInt = 100
     """Number of KID subsets."""
-    pr_neighbours: int = 3
+    pr_neighbours: PositiveInt = 3
     """k of the k-nearest-neighbour manifolds of precision/recall (Kynkaanniemi et al.)."""
     inception_weights: str | None = None
     """A local FID Inception weights file; None downloads (checksum-verified) and caches it."""
     eval_split: SplitPart = "test"
     """Classes of the few-shot figures: `test` or `val` (unseen, labelled "out-distro") or
     `train` (labelled "in-distro")."""
-    likelihood_sets: int = 2000
+    likelihood_sets: PositiveInt = 2000
     """Sets whose images are scored in bits/dim, each under its leave-one-out context."""
-    likelihood_steps: int | None = None
+    likelihood_steps: PositiveInt | None = None
     """Timesteps of the variational bound: None for all T, else a respaced subset."""
-    likelihood_batch_size: int = 16
+    likelihood_batch_size: PositiveInt = 16
     """Sets per likelihood call."""
-    probe_episodes: int = 10
+    probe_episodes: PositiveInt = 10
     """Episodes of the classification probe (one support set per class per episode)."""
-    probe_queries_per_class: int = 15
+    probe_queries_per_class: PositiveInt = 15
     """Query images per class per episode, disjoint from that episode's support set."""
 
     def __post_init__(self) -> None:
-        names = (
-            "num_sets",
-            "ns",
-            "samples_per_set",
-            "sampling_steps",
-            "seed",
-            "generate_batch_size",
-            "feature_batch_size",
-            "kid_subset_size",
-            "kid_num_subsets",
-            "pr_neighbours",
-            "likelihood_sets",
-            "likelihood_batch_size",
-            "probe_episodes",
-            "probe_queries_per_class",
-        )
-        for name in names:
-            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
-                raise ValueError(
-                    f"EvalConfig.{name}={getattr(self, name)!r} is not allowed; "
-                    "it must be an integer."
-                )
-            check_range(self, name, low=0 if name == "seed" else 1)
-        check_range(self, "ns", low=2)
-        check_range(self, "kid_subset_size", low=2)
-        check_choice(self, "sampler", get_args(SamplerName))
-        check_choice(self, "eval_split", get_args(SplitPart))
-        steps = cast(object, self.likelihood_steps)
-        if steps is not None:
-            if isinstance(steps, bool) or not isinstance(steps, int):
-                raise ValueError(
-                    f"EvalConfig.likelihood_steps={steps!r} is not allowed; "
-                    "it must be an integer or None (all timesteps)."
-                )
-            check_range(self, "likelihood_steps", low=1)
-
-
-WandbMode = Literal["auto", "online", "offline", "disabled"]
+        check_fields(self)
 
 
 @no_type_check
@@ -678,90 +683,40 @@ WandbMode = Literal["auto", "online", "offline", "disabled"]
 class RunConfig:
     """The training loop: run length, where checkpoints and metrics go, and how often."""
 
-    run_dir: str = "runs/default"
+    run_dir: Annotated[str, NonEmpty] = "runs/default"
     """Directory of the run's checkpoints and metrics; a run restarted on it resumes."""
-    num_steps: int = 1000
+    num_steps: PositiveInt = 1000
     """Training steps of the whole run (a resumed run continues to this total)."""
-    log_every: int = 100
+    log_every: PositiveInt = 100
     """Metrics are pulled to the host and logged every this many steps."""
-    eval_every: int = 1000
+    eval_every: NonNegativeInt = 1000
     """`eval_fn` runs every this many steps; 0 never evaluates."""
-    save_every: int = 1000
+    save_every: NonNegativeInt = 1000
     """A checkpoint is written every this many steps (and at the end); 0 saves at the end only."""
-    keep_checkpoints: int = 3
+    keep_checkpoints: PositiveInt = 3
     """The last this many checkpoints are kept."""
-    seed: int = 0
+    seed: NonNegativeInt = 0
     """Root seed of the run (model initialisation, training keys, the set sampler)."""
-    early_stopping_patience: int = 0
+    early_stopping_patience: NonNegativeInt = 0
     """Stop after this many evaluations without improvement of the monitored metric (`fid` when
     the run computes it during training, else `eval_loss`); 0 disables."""
-    early_stopping_min_delta: float = 0.0
+    early_stopping_min_delta: NonNegativeFloat = 0.0
     """An evaluation improves only when the monitored metric falls by more than this."""
     keep_best: bool = True
     """Keep the checkpoint of the best monitored metric under `run_dir/best/`."""
     progress: bool = True
     """Show a progress bar with steps/s and the ETA."""
-    sample_every: int = 1000
+    sample_every: NonNegativeInt = 1000
     """`images_fn` runs and its images are logged every this many steps; 0 never."""
     wandb: WandbMode = "auto"
     """Weights & Biases: `auto` is online when credentials exist and offline otherwise;
     `disabled` creates no W&B run (metrics and images are still written under `run_dir`)."""
-    wandb_project: str = "fsdm_eqx"
+    wandb_project: Annotated[str, NonEmpty] = "fsdm_eqx"
     """W&B project of the run."""
-    wandb_entity: str | None = None
+    wandb_entity: Annotated[str, NonEmpty] | None = None
     """W&B entity (user or team); None uses the account's default."""
-    wandb_init_timeout: float = 30.0
+    wandb_init_timeout: PositiveFloat = 30.0
     """Seconds to wait for the W&B server before falling back to an offline run."""
 
     def __post_init__(self) -> None:
-        run_dir = cast(object, self.run_dir)
-        if not isinstance(run_dir, str) or not run_dir:
-            raise ValueError(
-                f"RunConfig.run_dir={self.run_dir!r} is not allowed; it must be a non-empty path."
-            )
-        for name in ("num_steps", "log_every", "keep_checkpoints"):
-            check_range(self, name, low=1)
-        for name in (
-            "eval_every",
-            "save_every",
-            "seed",
-            "early_stopping_patience",
-            "sample_every",
-        ):
-            check_range(self, name, low=0)
-        for name in (
-            "num_steps",
-            "log_every",
-            "eval_every",
-            "save_every",
-            "keep_checkpoints",
-            "seed",
-            "early_stopping_patience",
-            "sample_every",
-        ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(
-                    f"RunConfig.{name}={value!r} is not allowed; it must be an integer."
-                )
-        for name in ("progress", "keep_best"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(
-                    f"RunConfig.{name}={getattr(self, name)!r} is not allowed; "
-                    "it must be True or False."
-                )
-        check_range(self, "early_stopping_min_delta", low=0.0)
-        check_choice(self, "wandb", get_args(WandbMode))
-        project = cast(object, self.wandb_project)
-        if not isinstance(project, str) or not project:
-            raise ValueError(
-                f"RunConfig.wandb_project={self.wandb_project!r} is not allowed; "
-                "it must be a non-empty name."
-            )
-        entity = cast(object, self.wandb_entity)
-        if entity is not None and (not isinstance(entity, str) or not entity):
-            raise ValueError(
-                f"RunConfig.wandb_entity={self.wandb_entity!r} is not allowed; "
-                "it must be a non-empty name or None."
-            )
-        check_range(self, "wandb_init_timeout", low=0, low_inclusive=False)
+        check_fields(self)

@@ -25,9 +25,11 @@ import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray, UInt8
 from PIL import Image, UnidentifiedImageError
 
-from .config import SamplerName, check_choice, check_range, no_type_check
-from .experiment import ExperimentConfig, experiment_config_from_dict, image_rows, write_png
-from .metrics.fewshot import to_uint8
+from ._custom_types import NonNegativeFloat, NonNegativeInt, PositiveInt, SamplerName
+from .config import check_fields, no_type_check
+from .data.pixels import to_float, to_uint8
+from .experiment.config import ExperimentConfig, experiment_config_from_dict
+from .instrument.figures import rows_figure, write_png
 from .nn.fsdm import FSDM
 from .train.checkpoint import (
     METADATA_FILE,
@@ -56,31 +58,24 @@ class SampleConfig:
     """Folder of the support images of the new class (PNG or JPEG, any size, RGB or gray)."""
     out_dir: str = "samples"
     """Where ``sample_XXX.png`` and ``grid.png`` are written (created if missing)."""
-    num: int = 16
+    num: PositiveInt = 16
     """Images to generate."""
     sampler: SamplerName = "ddim"
     """`ddpm` ancestral, `ddim` (deterministic) or `ode` (probability flow)."""
-    steps: int = 50
+    steps: PositiveInt = 50
     """Respaced sampling steps (at most the diffusion steps of training)."""
-    guidance_scale: float = 1.0
+    guidance_scale: NonNegativeFloat = 1.0
     """Classifier-free guidance on the context (1: none; needs a model trained with
     `ModelConfig.null_context_prob > 0`)."""
-    batch_size: int = 16
+    batch_size: PositiveInt = 16
     """Images generated per compiled call."""
-    columns: int = 8
+    columns: PositiveInt = 8
     """Images per row of ``grid.png`` (at least as many as there are support images)."""
-    seed: int = 0
+    seed: NonNegativeInt = 0
     """Seed of the starting noise and of the sampler."""
 
     def __post_init__(self) -> None:
-        for name in ("num", "steps", "batch_size", "columns", "seed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(
-                    f"SampleConfig.{name}={value!r} is not allowed; it must be an integer."
-                )
-            check_range(self, name, low=0 if name == "seed" else 1)
-        check_choice(self, "sampler", ("ddpm", "ddim", "ode"))
+        check_fields(self)
 
 
 def load_support_images(
@@ -129,9 +124,9 @@ def load_support_images(
         left, top = (image.size[0] - side) // 2, (image.size[1] - side) // 2
         image = image.crop((left, top, left + side, top + side))
         image = image.resize((image_size, image_size), Image.Resampling.BICUBIC)
-        pixels = np.asarray(image, dtype=np.float32).reshape(image_size, image_size, channels)
+        pixels = np.asarray(image, dtype=np.uint8).reshape(image_size, image_size, channels)
         images.append(pixels.transpose(2, 0, 1))
-    return np.stack(images) / np.float32(127.5) - np.float32(1.0)
+    return to_float(np.stack(images))
 
 
 def _checkpoint_metadata(path: Path) -> tuple[Path, dict[str, Any]]:
@@ -247,7 +242,7 @@ def sample_grid(
     """
     per_row = max(columns, 1)
     rows = [support] + [generated[i : i + per_row] for i in range(0, len(generated), per_row)]
-    return image_rows(rows)
+    return rows_figure(rows)
 
 
 def run_sample(config: SampleConfig) -> list[Path]:

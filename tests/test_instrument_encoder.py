@@ -27,7 +27,7 @@ from fsdm_eqx.instrument import (
     rollout_matrix,
 )
 from fsdm_eqx.instrument.encoder import _encoder_views, _saliency_maps
-from fsdm_eqx.nn import FSDM, SetViTEncoder
+from fsdm_eqx.nn import FSDM, SetTokenEncoder
 
 CONFIG = ModelConfig(
     hdim=8,
@@ -62,7 +62,7 @@ def x_sets():
 @pytest.fixture(scope="module")
 def time_encoder():
     """An sViT (Locality Self-Attention) with a timestep token: two tokens before the patches."""
-    return SetViTEncoder(
+    return SetTokenEncoder(
         image_size=8,
         channels=3,
         set_size=3,

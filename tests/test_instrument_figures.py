@@ -1,4 +1,5 @@
-"""Figures: the [-1, 1] -> uint8 mapping, grid layout, frame colours and heat-map colours."""
+"""Figures: the [-1, 1] -> uint8 mapping, grid layout, frame colours, heat-map colours and the
+sample grids of uint8 pixels."""
 
 import jax.numpy as jnp
 import jaxtyping
@@ -14,7 +15,7 @@ from fsdm_eqx.instrument import (
     maps_figure,
     support_target_figure,
 )
-from fsdm_eqx.instrument.figures import BLUE, GREEN, RED, to_uint8
+from fsdm_eqx.instrument.figures import BLUE, GREEN, RED, rows_figure, samples_figure, to_rgb
 
 H, W = 4, 5
 
@@ -49,14 +50,14 @@ def _border(cell: np.ndarray, pad: int) -> np.ndarray:
 def test_value_mapping_is_exact():
     values = np.array([-1.0, -0.5, 0.0, 0.5, 1.0, 2.0, -3.0, 0.25], np.float32)
     image = np.broadcast_to(values[None, None, None, :], (1, 3, 1, 8))
-    got = to_uint8(image)[0, 0, :, 0]
+    got = to_rgb(image)[0, 0, :, 0]
     # (v + 1) * 127.5: 0, 63.75, 127.5, 191.25, 255, 382.5 -> 255, -255 -> 0, 159.375
     np.testing.assert_array_equal(got, [0, 64, 128, 191, 255, 255, 0, 159])
     images = _images(3)
-    np.testing.assert_array_equal(to_uint8(images), _reference_pixels(images))
+    np.testing.assert_array_equal(to_rgb(images), _reference_pixels(images))
     grey = _images(2, c=1)
-    np.testing.assert_array_equal(to_uint8(jnp.asarray(grey)), _reference_pixels(grey))
-    assert to_uint8(np.full((1, 1, 2, 2), np.nan, np.float32)).max() == 0
+    np.testing.assert_array_equal(to_rgb(jnp.asarray(grey)), _reference_pixels(grey))
+    assert to_rgb(np.full((1, 1, 2, 2), np.nan, np.float32)).max() == 0
 
 
 @pytest.mark.parametrize("pad", [0, 2])
@@ -135,7 +136,7 @@ def test_maps_figure_layout():
     assert fig.shape == (2 * 6, 2 * 6, 3)
     lut = matplotlib.colormaps["viridis"]
     for i in range(2):
-        np.testing.assert_array_equal(fig[1:5, 6 * i + 1 : 6 * i + 5], to_uint8(images)[i])
+        np.testing.assert_array_equal(fig[1:5, 6 * i + 1 : 6 * i + 5], to_rgb(images)[i])
         for (y, x), v in np.ndenumerate(maps[i]):
             block = fig[7 + 2 * y : 9 + 2 * y, 6 * i + 1 + 2 * x : 6 * i + 3 + 2 * x]
             assert np.all(block == np.array(lut(v / 7.0, bytes=True)[:3], np.uint8))
@@ -155,3 +156,21 @@ def test_bad_inputs_are_named():
         generation_figure(_images(2), np.zeros((2, 3, H + 1, W), np.float32))
     with pytest.raises(ValueError, match="colormap"):
         heatmap(np.zeros((2, 2)), cmap="no-such-map")
+
+
+@pytest.mark.parametrize("c", [1, 3])
+def test_rows_figure_lays_pixels_on_white_two_pixels_apart(c: int) -> None:
+    rng = np.random.default_rng(0)
+    rows = [rng.integers(0, 256, (k, c, H, W), dtype=np.uint8) for k in (3, 1)]
+    fig = rows_figure(rows)
+    assert fig.shape == (2 * (H + 2) + 2, 3 * (W + 2) + 2, c) and fig.dtype == np.uint8
+    expected = np.full(fig.shape, 255, np.uint8)
+    for i, row in enumerate(rows):
+        for j, image in enumerate(row):
+            y, x = 2 + i * (H + 2), 2 + j * (W + 2)
+            expected[y : y + H, x : x + W] = image.transpose(1, 2, 0)
+    np.testing.assert_array_equal(fig, expected)
+    support, generated = rows[0][None, :2], rows[0][None, 2:]
+    np.testing.assert_array_equal(
+        samples_figure(support, generated), rows_figure([support[0], generated[0]])
+    )

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fsdm_eqx.nn.attention import MultiheadAttention, Transformer, timestep_embedding
+from fsdm_eqx.nn.attention import MultiheadAttention, Transformer
+from fsdm_eqx.nn.layers import timestep_embedding
 
 
 def _numpy_attention(attn: MultiheadAttention, x: np.ndarray, ctx: np.ndarray, scale: float):

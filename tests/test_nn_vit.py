@@ -8,14 +8,15 @@ import jaxtyping
 import numpy as np
 import pytest
 
-from fsdm_eqx.nn import SetViTEncoder, ViTSetEncoder
-from fsdm_eqx.nn.vit import POOLINGS, encoder_attention_layout, patchify, shifted_patch_input
+from fsdm_eqx.nn import ImageTokenEncoder, SetTokenEncoder, SetViTEncoder, ViTSetEncoder
+from fsdm_eqx.nn.layers import patchify
+from fsdm_eqx.nn.vit import POOLINGS, encoder_attention_layout, shifted_patch_input
 
 SIZE, CH, PATCH, HDIM = 8, 3, 4, 16
 
 
 def _encoder(kind, pooling, *, time_token=False, dropout=0.0, seed=0):
-    cls = ViTSetEncoder if kind == "vit" else functools.partial(SetViTEncoder, set_size=3)
+    cls = ImageTokenEncoder if kind == "vit" else functools.partial(SetTokenEncoder, set_size=3)
     return cls(
         image_size=SIZE,
         channels=CH,
@@ -90,10 +91,27 @@ def test_svit_reads_sets_of_its_size_only(x_set):
     with pytest.raises(ValueError, match="set_size=3"):
         enc(x_set[:2], inference=True)
     with pytest.raises(ValueError, match="set_size"):
-        SetViTEncoder(
+        SetTokenEncoder(
             image_size=SIZE, channels=CH, set_size=0, patch_size=PATCH, dim=8, depth=1,
             num_heads=1, head_dim=8, mlp_dim=8, hdim=8, key=jax.random.key(0),
         )  # fmt: skip
+
+
+def test_encoders_differ_only_in_tokens_and_locality():
+    """Given the same options, both encoders build the same set transformer (paths and shapes of
+    every parameter), but for the sViT's Locality Self-Attention temperatures; `ViTSetEncoder`
+    and `SetViTEncoder` name the same classes."""
+    image, stacked = _encoder("vit", "mean"), _encoder("svit", "mean")
+
+    def parameters(trunk, *, locality):
+        leaves = jax.tree_util.tree_leaves_with_path(trunk)
+        named = [(jax.tree_util.keystr(path), np.shape(x)) for path, x in leaves]
+        return [(name, shape) for name, shape in named if ("log_temperature" in name) == locality]
+
+    assert parameters(image.trunk, locality=False) == parameters(stacked.trunk, locality=False)
+    assert parameters(image.trunk, locality=True) == []
+    assert len(parameters(stacked.trunk, locality=True)) == len(stacked.trunk.transformer.blocks)
+    assert ViTSetEncoder is ImageTokenEncoder and SetViTEncoder is SetTokenEncoder
 
 
 def test_trace_is_the_forward_of_encode(x_set):
@@ -147,7 +165,7 @@ def test_wrong_shapes_are_rejected(x_set):
     with pytest.raises(jaxtyping.TypeCheckError):
         enc(x_set[0], inference=True)
     with pytest.raises(ValueError, match="does not divide"):
-        ViTSetEncoder(
+        ImageTokenEncoder(
             image_size=10,
             channels=3,
             patch_size=4,

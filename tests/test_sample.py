@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 from fsdm_eqx.config import RunConfig
+from fsdm_eqx.data.pixels import to_uint8
 from fsdm_eqx.experiment import PRESETS
-from fsdm_eqx.metrics.fewshot import to_uint8
 from fsdm_eqx.nn.fsdm import FSDM
 from fsdm_eqx.sample import (
     SampleConfig,

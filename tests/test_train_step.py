@@ -304,11 +304,14 @@ def test_step_logs_the_spec_metrics_of_its_batch() -> None:
 
 
 def test_loss_reporting_a_context_must_take_the_offset() -> None:
+    """A loss outside the `LossFn` protocol gets one error that names the missing keyword."""
+
     def no_offset(model, x_set, key):
         return tiny_loss(model, x_set, key)
 
-    with pytest.raises(TypeError, match="context_offset"):
+    with pytest.raises(TypeError, match="takes no `context_offset` keyword") as info:
         run(OptimConfig(), steps=1, loss_fn=no_offset)
+    assert "unexpected keyword argument 'context_offset'" in str(info.value.__cause__)
 
 
 def _poisoned(model, x_set, key, *, context_offset=None):

@@ -1,24 +1,30 @@
-"""Figures as uint8 RGB arrays ``(H, W, 3)``, ready for `Sink.log_images`.
+"""Figures as uint8 RGB arrays ``(H, W, 3)``, ready for `Sink.log_images` and `write_png`.
 
 Images come in channels first, in [-1, 1] (the models' range), with 1 or 3 channels; a pixel value
-``v`` becomes ``round((v + 1) / 2 * 255)``, clipped to [0, 255]. Grids place each image in a cell
-with a border of ``pad`` pixels, drawn in the image's frame colour, or black when it has none.
-Heat maps use a matplotlib colormap object directly, so no pyplot state is touched.
+``v`` becomes ``round((v + 1) / 2 * 255)``, clipped to [0, 255] (`to_rgb`). Grids place each image
+in a cell with a border of ``pad`` pixels, drawn in the image's frame colour, or black when it has
+none. `rows_figure` and `samples_figure` instead take uint8 pixels the caller quantised (the run's
+``samples.png`` shows the pixels the FID protocol scores) and lay them out on white. Heat maps use
+a matplotlib colormap object directly, so no pyplot state is touched.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import jax
 import matplotlib
 import numpy as np
 from jaxtyping import Array, Float, UInt8
 
+from ..data.pixels import to_uint8
+
 RGB = tuple[int, int, int]
 RED: RGB = (255, 0, 0)
 GREEN: RGB = (0, 255, 0)
 BLUE: RGB = (0, 0, 255)
+WHITE: RGB = (255, 255, 255)
 BACKGROUND: RGB = (0, 0, 0)
 
 Images = Float[np.ndarray, "n c h w"] | Float[Array, "n c h w"]
@@ -27,22 +33,30 @@ Real = Float[np.ndarray, "k c h w"] | Float[Array, "k c h w"]
 Tile = UInt8[np.ndarray, "h w 3"]
 
 
-def to_uint8(images: Images) -> UInt8[np.ndarray, "n h w 3"]:
+def to_rgb(images: Images) -> UInt8[np.ndarray, "n h w 3"]:
     """Images in [-1, 1], channels first (1 or 3 channels), as uint8 RGB, channels last.
 
     **Arguments:**
     - `images`: `(n, c, h, w)` with `c` 1 (grey, repeated to RGB) or 3.
 
-    **Returns:** `round((x + 1) / 2 * 255)` clipped to [0, 255], `(n, h, w, 3)`; NaN gives 0.
+    **Returns:** `round((x + 1) / 2 * 255)` clipped to [0, 255] (`to_uint8` rounding to the
+    nearest level), `(n, h, w, 3)`; NaN gives 0.
     """
-    x = np.asarray(jax.device_get(images), dtype=np.float64)
-    if x.shape[1] not in (1, 3):
+    x = np.asarray(jax.device_get(images))
+    _check_channels(x.shape)
+    return _rgb_tiles(to_uint8(x, rounding="nearest"))
+
+
+def _check_channels(shape: tuple[int, ...]) -> None:
+    if len(shape) != 4 or shape[1] not in (1, 3):
         raise ValueError(
             f"images must have 1 or 3 channels (channels first, (n, c, h, w)), got shape "
-            f"{x.shape}; transpose channels-last images with .transpose(0, 3, 1, 2)."
+            f"{shape}; transpose channels-last images with .transpose(0, 3, 1, 2)."
         )
-    x = np.nan_to_num(x, nan=-1.0)
-    pixels = np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def _rgb_tiles(pixels: UInt8[np.ndarray, "n c h w"]) -> UInt8[np.ndarray, "n h w 3"]:
+    """uint8 images, channels first, 1 (repeated) or 3 channels, as RGB tiles."""
     if pixels.shape[1] == 1:
         pixels = np.repeat(pixels, 3, axis=1)
     return pixels.transpose(0, 2, 3, 1)
@@ -55,7 +69,10 @@ def _check_colour(colour: RGB) -> RGB:
 
 
 def tile_rows(
-    rows: Sequence[Sequence[tuple[Tile, RGB | None]]], *, pad: int = 2
+    rows: Sequence[Sequence[tuple[Tile, RGB | None]]],
+    *,
+    pad: int = 2,
+    background: RGB = BACKGROUND,
 ) -> UInt8[np.ndarray, "H W 3"]:
     """Lay out rows of equally sized uint8 tiles, each with a border of ``pad`` pixels.
 
@@ -63,6 +80,7 @@ def tile_rows(
     - `rows`: for each row, its `(tile, frame colour or None)` pairs; rows may be of different
       lengths (missing cells are background).
     - `pad`: border width in pixels.
+    - `background`: the colour of unframed borders and missing cells.
 
     **Returns:** the grid; cell `(r, c)` spans rows `r * (h + 2 pad)` to `(r + 1) * (h + 2 pad)`
     and likewise for columns, with the tile at offset `(pad, pad)`.
@@ -81,7 +99,7 @@ def tile_rows(
     ch, cw = h + 2 * pad, w + 2 * pad
     ncols = max(len(row) for row in rows)
     grid = np.empty((len(rows) * ch, ncols * cw, 3), np.uint8)
-    grid[:] = BACKGROUND
+    grid[:] = _check_colour(background)
     for r, row in enumerate(rows):
         for c, (tile, frame) in enumerate(row):
             y, x = r * ch, c * cw
@@ -110,7 +128,7 @@ def image_grid(
     """
     if nrow < 1:
         raise ValueError(f"nrow={nrow} must be >= 1 (images per row).")
-    tiles = to_uint8(images)
+    tiles = to_rgb(images)
     if frames is None:
         frames = [None] * len(tiles)
     if len(frames) != len(tiles):
@@ -178,7 +196,7 @@ def support_target_figure(
 def _row(
     images: Float[np.ndarray, "n c h w"] | Float[Array, "n c h w"], frame: RGB
 ) -> list[tuple[Tile, RGB | None]]:
-    return [(tile, frame) for tile in to_uint8(images)]
+    return [(tile, frame) for tile in to_rgb(images)]
 
 
 def generation_figure(
@@ -194,6 +212,40 @@ def generation_figure(
     **Returns:** the uint8 RGB figure, as wide as the longer row.
     """
     return tile_rows([_row(support, BLUE), _row(generated, GREEN)], pad=pad)
+
+
+def rows_figure(rows: Sequence[UInt8[np.ndarray, "_k c h w"]]) -> UInt8[np.ndarray, "H W c"]:
+    """Rows of uint8 images on white, 2 pixels apart and 2 pixels from the edges.
+
+    **Arguments:**
+    - `rows`: one uint8 array `(k, c, h, w)` per row, channels first, `c` 1 or 3; rows may hold
+      different numbers `k`.
+
+    **Returns:** one uint8 image, channels last, with the images' channels (grey stays one
+    channel), as wide as the longest row.
+    """
+    for row in rows:
+        _check_channels(row.shape)
+    cells = [[(tile, None) for tile in _rgb_tiles(row)] for row in rows]
+    grid = tile_rows(cells, pad=1, background=WHITE)
+    grid = np.pad(grid, ((1, 1), (1, 1), (0, 0)), constant_values=255)
+    # Nothing is coloured, so a grey image's three channels are equal: keep one.
+    return grid[..., : rows[0].shape[1]]
+
+
+def samples_figure(
+    support: UInt8[np.ndarray, "s m c h w"], generated: UInt8[np.ndarray, "s k c h w"]
+) -> UInt8[np.ndarray, "H W c"]:
+    """For each set, its support images in a row over the images generated from it."""
+    return rows_figure([row for pair in zip(support, generated, strict=True) for row in pair])
+
+
+def write_png(path: str | Path, image: UInt8[np.ndarray, "H W c"]) -> None:
+    """Write a uint8 image, channels last (one channel is written as grey)."""
+    from PIL import Image
+
+    array = image[..., 0] if image.shape[-1] == 1 else image
+    Image.fromarray(array).save(path)
 
 
 def fid_eval_figure(
@@ -231,7 +283,7 @@ def maps_figure(
     **Returns:** the uint8 RGB figure; the colour scale runs from the smallest to the largest
     value over all maps.
     """
-    tiles = to_uint8(images)
+    tiles = to_rgb(images)
     values = np.asarray(jax.device_get(maps), dtype=np.float64)
     m, h, w = tiles.shape[:3]
     if values.shape[0] != m or h % values.shape[1] or w % values.shape[2]:

@@ -52,11 +52,13 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal, cast
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Integer, PRNGKeyArray, UInt8
 
+from ..batching import index_keys, map_in_batches
 from ..config import EvalConfig
+from ..data.pixels import to_float, to_uint8
+from ..sharding import batch_sharding, make_mesh
 from .diversity import mean_pairwise_distance
 from .fid import (
     feature_statistics,
@@ -140,16 +142,6 @@ def distro_label(seen_in_training: bool) -> Distro:
     return "in-distro" if seen_in_training else "out-distro"
 
 
-def to_uint8(images: Float[np.ndarray, "*shape"]) -> UInt8[np.ndarray, "*shape"]:
-    """Quantise images in [-1, 1] to uint8 as the reference does: truncate clip((x + 1) * 127.5)."""
-    scaled = (np.asarray(images, dtype=np.float32) + np.float32(1.0)) * np.float32(127.5)
-    return np.clip(scaled, 0.0, 255.0).astype(np.uint8)
-
-
-def _to_float(images: np.ndarray) -> np.ndarray:
-    return (images.astype(np.float32) / np.float32(127.5) - np.float32(1.0)).astype(np.float32)
-
-
 def draw_support_sets(
     labels: Integer[np.ndarray, " n"],
     classes: Sequence[int],
@@ -207,11 +199,10 @@ def generate_for_sets(
 ) -> Float[np.ndarray, "s k c h w"]:
     """Run ``generate`` on every support set, ``batch_size`` sets per jitted, vmapped call.
 
-    Set ``i`` gets the key ``fold_in(key(seed), i)`` of the threefry PRNG, whatever the default
-    implementation: threefry's bits do not change under `jax.vmap` (rbg's do), so the samples of
-    a set depend neither on the batch size, nor on its place in a batch, nor on the devices.
-    Every call has the same shape (the last batch is padded), so ``generate`` compiles once.
-    With several devices, each batch is split over them along a ``data`` mesh axis.
+    Set ``i`` gets the key ``index_keys(seed, i)``, so the samples of a set depend neither on the
+    batch size, nor on its place in a batch, nor on the devices. Every call has the same shape
+    (`map_in_batches` pads the last batch), so ``generate`` compiles once. With several devices,
+    each batch is split over them along a ``data`` mesh axis.
 
     **Arguments:**
     - `generate`: one support set in [-1, 1] and a key -> ``samples_per_set`` images in [-1, 1].
@@ -224,29 +215,24 @@ def generate_for_sets(
     **Returns:** the generated images, float32, ``(s, samples_per_set, c, h, w)``.
     """
     devices = list(jax.local_devices() if devices is None else devices)
-    batch_size = -(-batch_size // len(devices)) * len(devices)
-    mesh = jax.sharding.Mesh(np.array(devices), ("data",))
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-    base = jax.random.key(seed, impl="threefry2x32")
-    batched = jax.jit(jax.vmap(generate))
-    outputs = []
-    for start in range(0, supports.shape[0], batch_size):
-        chunk = supports[start : start + batch_size]
-        n = chunk.shape[0]
-        if n < batch_size:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - n, axis=0)])
-        ids = jnp.arange(start, start + batch_size)
-        keys = jax.device_put(jax.vmap(lambda i: jax.random.fold_in(base, i))(ids), sharding)
-        x = jax.device_put(jnp.asarray(chunk), sharding)
-        samples = np.asarray(batched(x, keys), dtype=np.float32)[:n]
-        expected = (n, samples_per_set, *supports.shape[2:])
-        if samples.shape != expected:
+    expected = (samples_per_set, *supports.shape[2:])
+
+    @jax.jit
+    def generate_batch(
+        x: Float[Array, "b ns c h w"], ids: Integer[Array, " b"]
+    ) -> Float[Array, "b k c h w"]:
+        samples = jax.vmap(generate)(x, index_keys(seed, ids))
+        if samples.shape[1:] != expected:
             raise ValueError(
                 f"generate returned images of shape {samples.shape[1:]} per set; expected "
-                f"{expected[1:]} (samples_per_set images shaped like the support images)."
+                f"{expected} (samples_per_set images shaped like the support images)."
             )
-        outputs.append(samples)
-    return np.concatenate(outputs)
+        return samples
+
+    ids = np.arange(supports.shape[0], dtype=np.int32)
+    sharding = batch_sharding(make_mesh(devices))
+    samples = map_in_batches(generate_batch, (supports, ids), batch_size, sharding=sharding)
+    return np.asarray(samples, dtype=np.float32)
 
 
 def _features(
@@ -331,7 +317,7 @@ def fewshot_fid(
     real = images[sets.indices]  # (s, ns, c, h, w), the exact pixels
     generated = generate_for_sets(
         generate,
-        _to_float(real),
+        to_float(real),
         samples_per_set=config.samples_per_set,
         seed=config.seed,
         batch_size=config.generate_batch_size,

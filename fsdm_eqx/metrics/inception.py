@@ -32,9 +32,10 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Float, Shaped, UInt8
 
+from ..batching import map_in_batches
+from ..sharding import batch_sharding, make_mesh, replicated_sharding
 from ._inception_weights import InceptionWeightsError, fetch_weights, read_weights
 
 InputConvention = Literal["tf1", "pytorch_fid"]
@@ -508,7 +509,7 @@ def inception_features(
     if images.dtype != np.uint8:
         raise ValueError(
             f"Inception takes uint8 images in [0, 255], not {images.dtype}; convert them first "
-            "(e.g. np.clip(np.rint((x + 1) * 127.5), 0, 255).astype(np.uint8) for x in [-1, 1])."
+            "(for x in [-1, 1], fsdm_eqx.data.pixels.to_uint8(x))."
         )
     if images.ndim != 4:
         raise ValueError(
@@ -524,31 +525,13 @@ def inception_features(
         )
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} is not allowed; it must be at least 1.")
-    n = images.shape[0]
     devices = list(jax.local_devices() if devices is None else devices)
-    k = len(devices)
-    step = -(-min(batch_size, max(n, 1)) // k) * k
-    if k > 1:
-        mesh = Mesh(np.asarray(devices), ("data",))
-        model = jax.device_put(model, NamedSharding(mesh, PartitionSpec()))
-        placement = NamedSharding(mesh, PartitionSpec("data"))
-    else:
-        model = jax.device_put(model, devices[0])
-        placement = devices[0]
-    out = np.empty((n, FEATURE_DIM), np.float32)
-    pending: list[tuple[int, int, Array]] = []
-    for start in range(0, n, step):
-        chunk = images[start : start + step]
-        m = chunk.shape[0]
-        if m < step:
-            pad = np.zeros((step - m, *chunk.shape[1:]), np.uint8)
-            chunk = np.concatenate([chunk, pad])
-        x = _preprocess_batch(jax.device_put(chunk, placement), convention)
-        pending.append((start, m, _network(model, x)))
-        # Dispatch is asynchronous: batch i+1 is queued before batch i is copied back.
-        if len(pending) > 1:
-            first, count, feats = pending.pop(0)
-            out[first : first + count] = np.asarray(feats)[:count]
-    for first, count, feats in pending:
-        out[first : first + count] = np.asarray(feats)[:count]
-    return out
+    mesh = make_mesh(devices)
+    model = jax.device_put(model, replicated_sharding(mesh))
+
+    def features(x: UInt8[Array, "b c h w"]) -> Float[Array, "b 2048"]:
+        return _network(model, _preprocess_batch(x, convention))
+
+    step = min(batch_size, max(images.shape[0], 1))
+    out = map_in_batches(features, (images,), step, sharding=batch_sharding(mesh))
+    return np.asarray(out, dtype=np.float32)

@@ -29,7 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Integer, Key, PRNGKeyArray, UInt8
 
+from ..batching import index_keys, map_in_batches
 from ..config import DiffusionConfig, EvalConfig, VarianceType
+from ..data.pixels import to_float
 from ..diffusion import (
     ModelFn,
     Schedule,
@@ -306,31 +308,26 @@ def fewshot_likelihood(
     sets = draw_support_sets(
         labels, chosen, num_sets=config.likelihood_sets, ns=config.ns, seed=config.seed
     )
-    x = images[sets.indices].astype(np.float32) / np.float32(127.5) - np.float32(1.0)
-    n, ns, batch = schedule.num_steps, config.ns, config.likelihood_batch_size
+    x = to_float(images[sets.indices])
+    n, ns = schedule.num_steps, config.ns
 
-    base = jax.random.key(config.seed, impl="threefry2x32")
-    parts: list[dict[str, np.ndarray]] = []
-    for start in range(0, x.shape[0], batch):
-        chunk = x[start : start + batch]
-        m = chunk.shape[0]
-        if m < batch:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - m, axis=0)])
-        keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(start, start + batch))
-        out = _score_sets(
+    def score(x_sets: Float[Array, "b ns c h w"], ids: Integer[Array, " b"]) -> dict[str, Array]:
+        return _score_sets(
             condition,
             schedule,
-            jnp.asarray(chunk),
-            keys,
+            x_sets,
+            index_keys(config.seed, ids),
             variance=diffusion.variance,
             clip_denoised=diffusion.clip_denoised,
             steps_per_batch=steps_per_batch,
         )
-        parts.append({k: np.asarray(v, dtype=np.float64)[:m] for k, v in out.items()})
-    total = np.concatenate([p["total_bpd"] for p in parts]).reshape(-1)
-    vb = np.concatenate([p["vb"] for p in parts]).reshape(-1, n)
-    mse = np.concatenate([p["mse"] for p in parts]).reshape(-1, n)
-    prior = np.concatenate([p["prior_bpd"] for p in parts]).reshape(-1)
+
+    ids = np.arange(x.shape[0], dtype=np.int32)
+    terms = map_in_batches(score, (x, ids), config.likelihood_batch_size)
+    total = np.asarray(terms["total_bpd"], np.float64).reshape(-1)
+    vb = np.asarray(terms["vb"], np.float64).reshape(-1, n)
+    mse = np.asarray(terms["mse"], np.float64).reshape(-1, n)
+    prior = np.asarray(terms["prior_bpd"], np.float64).reshape(-1)
     if not np.all(np.isfinite(total)):
         raise ValueError(
             "the bound is not finite for some images; check that the model's output is finite "

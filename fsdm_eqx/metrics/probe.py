@@ -16,9 +16,11 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Integer, UInt8
+
+from ..batching import map_in_batches
+from ..data.pixels import to_float
 
 __all__ = ["ProbeResult", "fewshot_probe", "nearest_context_classify"]
 
@@ -146,23 +148,6 @@ def nearest_context_classify(
     return _result(truth, predicted, top5, labels)
 
 
-def _to_float(images: np.ndarray) -> np.ndarray:
-    return (images.astype(np.float32) / np.float32(127.5) - np.float32(1.0)).astype(np.float32)
-
-
-def _batched(fn: Callable[[Array], Array], inputs: np.ndarray, batch_size: int) -> np.ndarray:
-    """``fn`` (already vmapped and jitted) over ``inputs`` in fixed-size, padded batches."""
-    outputs = []
-    for start in range(0, inputs.shape[0], batch_size):
-        chunk = inputs[start : start + batch_size]
-        n = chunk.shape[0]
-        if n < batch_size:
-            pad = np.repeat(chunk[-1:], batch_size - n, axis=0)
-            chunk = np.concatenate([chunk, pad])
-        outputs.append(np.asarray(fn(jnp.asarray(chunk)))[:n])
-    return np.concatenate(outputs)
-
-
 def fewshot_probe(
     embed: EmbedFn,
     images: UInt8[np.ndarray, "n c h w"],
@@ -183,7 +168,7 @@ def fewshot_probe(
     ``queries_per_class`` other images as queries (all distinct within the episode). The class
     context is ``embed(support)``; a query's context is ``embed_query(query)``, by default
     ``embed(query[None])``, the context of a one-image set. Images are given to the encoder in
-    [-1, 1] (``u8 / 127.5 - 1``).
+    [-1, 1] (`fsdm_eqx.data.pixels.to_float`).
 
     **Arguments:**
     - `embed`: maps one set ``(m, c, h, w)`` in [-1, 1] to its context (any shape, flattened);
@@ -231,10 +216,10 @@ def fewshot_probe(
     truth, predicted, top5 = [], [], []
     for _ in range(num_episodes):
         drawn = np.stack([rng.choice(m, need, replace=False) for m in members])
-        supports = _to_float(images[drawn[:, :ns]])
-        queries = _to_float(images[drawn[:, ns:].reshape(-1)])
-        centres = _flatten("class contexts", _batched(embed_sets, supports, batch_size))
-        points = _flatten("query contexts", _batched(embed_queries, queries, batch_size))
+        supports = to_float(images[drawn[:, :ns]])
+        queries = to_float(images[drawn[:, ns:].reshape(-1)])
+        centres = _flatten("class contexts", map_in_batches(embed_sets, (supports,), batch_size))
+        points = _flatten("query contexts", map_in_batches(embed_queries, (queries,), batch_size))
         episode_truth = np.repeat(np.arange(len(chosen)), queries_per_class)
         p, t5 = _classify(points, episode_truth, centres, metric)
         truth.append(episode_truth)

@@ -1,12 +1,10 @@
-"""Equinox modules: attention, convolution, set encoders, posterior, denoisers and the FSDM
-model."""
+"""Equinox modules: layers, attention, convolution, set encoders, posterior, denoisers and the
+FSDM model."""
 
 from .attention import (
-    MLP as MLP,
     MultiheadAttention as MultiheadAttention,
     Transformer as Transformer,
     TransformerBlock as TransformerBlock,
-    timestep_embedding as timestep_embedding,
 )
 from .conv import Conv2d as Conv2d, conv2d as conv2d
 from .denoiser import AbstractDenoiser as AbstractDenoiser
@@ -24,6 +22,7 @@ from .fsdm import (
     count_parameters as count_parameters,
     leave_one_out_indices as leave_one_out_indices,
 )
+from .layers import MLP as MLP, timestep_embedding as timestep_embedding
 from .posterior import (
     GaussianPosterior as GaussianPosterior,
     gaussian_kl as gaussian_kl,
@@ -32,6 +31,9 @@ from .posterior import (
 from .unet import UNet as UNet
 from .vit import (
     AbstractSetEncoder as AbstractSetEncoder,
+    ImageTokenEncoder as ImageTokenEncoder,
+    SetTokenEncoder as SetTokenEncoder,
+    SetTransformerOptions as SetTransformerOptions,
     SetViTEncoder as SetViTEncoder,
     ViTSetEncoder as ViTSetEncoder,
 )

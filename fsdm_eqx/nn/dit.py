@@ -20,15 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from .attention import (
-    MLP,
-    MultiheadAttention,
-    apply_tokens,
-    make_linear,
-    timestep_embedding,
-    zero_linear,
-)
+from .attention import MultiheadAttention
 from .denoiser import AbstractDenoiser, maybe_checkpoint, rms
+from .layers import MLP, apply_tokens, make_linear, timestep_embedding, zero_linear
 
 Conditioning = Literal["film", "lag"]
 ADALN_PARTS = ("shift_msa", "scale_msa", "gate_msa", "shift_mlp", "scale_mlp", "gate_mlp")

@@ -30,12 +30,12 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from .. import diffusion
 from ..config import DiffusionConfig, ModelConfig
 from ..diffusion import Schedule
-from .attention import split_key
 from .denoiser import AbstractDenoiser, maybe_checkpoint, weights_dtype
 from .dit import DiT
+from .layers import split_key
 from .posterior import GaussianPosterior, gaussian_kl, reparameterize
 from .unet import UNet
-from .vit import AbstractSetEncoder, Context, SetViTEncoder, ViTSetEncoder
+from .vit import AbstractSetEncoder, Context, ImageTokenEncoder, SetTokenEncoder
 
 
 class SetContext(NamedTuple):
@@ -59,9 +59,9 @@ def leave_one_out_indices(ns: int) -> np.ndarray:
 def build_encoder(config: ModelConfig, *, key: PRNGKeyArray) -> AbstractSetEncoder:
     """The set encoder `config` describes."""
     if config.encoder == "vit":
-        encoder = ViTSetEncoder
+        encoder = ImageTokenEncoder
     else:
-        encoder = functools.partial(SetViTEncoder, set_size=config.ns - 1)
+        encoder = functools.partial(SetTokenEncoder, set_size=config.ns - 1)
     return encoder(
         image_size=config.image_size,
         channels=config.channels,

@@ -20,22 +20,24 @@ network outputs exactly zero.
 from __future__ import annotations
 
 import math
-from typing import Literal, TypeVar
+from typing import Annotated, TypeVar
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ..config import check_choice, check_range
-from .attention import apply_tokens, timestep_embedding
+from .._custom_types import (
+    GROUP_NORM_GROUPS as _GROUPS,
+    ConditioningName as Conditioning,
+    NonEmpty,
+    PositiveInt,
+    UnitFloatBelowOne,
+)
+from ..config import check_arguments
 from .conv import Conv2d
 from .denoiser import AbstractDenoiser, maybe_checkpoint, rms
-
-Conditioning = Literal["film", "lag"]
-
-_GROUPS = 32
-
+from .layers import apply_tokens, timestep_embedding
 
 _Layer = TypeVar("_Layer", eqx.nn.Linear, Conv2d)
 
@@ -47,11 +49,6 @@ def _zero(layer: _Layer) -> _Layer:
     return eqx.tree_at(
         lambda m: (m.weight, m.bias), layer, (jnp.zeros_like(layer.weight), jnp.zeros_like(bias))
     )
-
-
-def _check_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r} is not allowed; it must be an int >= 1.")
 
 
 def _tokens(x: Float[Array, "h w c"]) -> Float[Array, "hw c"]:
@@ -353,17 +350,17 @@ class UNet(AbstractDenoiser):
     def __init__(
         self,
         *,
-        in_channels: int,
-        model_channels: int,
-        out_channels: int,
-        num_res_blocks: int,
-        attention_resolutions: tuple[int, ...],
-        channel_mult: tuple[int, ...],
-        num_heads: int,
-        dropout: float,
-        context_dim: int,
+        in_channels: PositiveInt,
+        model_channels: PositiveInt,
+        out_channels: PositiveInt,
+        num_res_blocks: PositiveInt,
+        attention_resolutions: tuple[PositiveInt, ...],
+        channel_mult: Annotated[tuple[PositiveInt, ...], NonEmpty],
+        num_heads: PositiveInt,
+        dropout: UnitFloatBelowOne,
+        context_dim: PositiveInt,
         conditioning: Conditioning,
-        image_size: int,
+        image_size: PositiveInt,
         remat: bool = False,
         key: PRNGKeyArray,
     ):
@@ -386,6 +383,7 @@ class UNet(AbstractDenoiser):
           backward pass instead of storing them (`eqx.filter_checkpoint`).
         - `key`: initialisation randomness.
         """
+        check_arguments(UNet.__init__, locals())
         self.remat = remat
         self.in_channels = in_channels
         self.out_channels = out_channels
@@ -394,16 +392,6 @@ class UNet(AbstractDenoiser):
         self.image_size = image_size
         self.conditioning = conditioning
         self.dropout = dropout
-        check_choice(self, "conditioning", ("film", "lag"))
-        check_range(self, "dropout", low=0.0, high=1.0, high_inclusive=False)
-        for name in ("in_channels", "out_channels", "model_channels", "context_dim", "image_size"):
-            _check_int(f"UNet.{name}", getattr(self, name))
-        _check_int("UNet.num_res_blocks", num_res_blocks)
-        _check_int("UNet.num_heads", num_heads)
-        if not channel_mult:
-            raise ValueError("UNet.channel_mult=() is not allowed; give one multiplier per level.")
-        for m in channel_mult:
-            _check_int("UNet.channel_mult entry", m)
         bad = [model_channels * m for m in channel_mult if (model_channels * m) % _GROUPS]
         if bad:
             raise ValueError(

@@ -1,10 +1,16 @@
 """Set encoders: a ViT and a small-data ViT (sViT) that read a whole set of images at once.
 
 As in the reference code of Few-Shot Diffusion Models, the set becomes one token sequence behind a
-class token (and, optionally, a diffusion-timestep token). The ViT embeds every image's patches
-and gives each image the same position embeddings, so nothing marks which image a token came
-from: it reads sets of any size and is invariant to their order. The sViT stacks the set on the
-channel axis, one token per patch position. The pooled output is the context:
+class token (and, optionally, a diffusion-timestep token), read by one set transformer. The two
+encoders differ only in how they tokenise the set:
+
+- `ImageTokenEncoder` (the set ViT) embeds every image's patches and gives each image the same
+  position embeddings, so nothing marks which image a token came from: it reads sets of any size
+  and is invariant to their order.
+- `SetTokenEncoder` (the sViT) stacks the set on the channel axis, one token per patch position
+  for the whole set.
+
+The pooled output is the context:
 
 - `cls`, `mean`, `sum`: one vector of size `hdim` (FiLM conditioning). `mean` and `sum` pool all
   tokens, class and timestep tokens included, as the reference does.
@@ -15,7 +21,7 @@ Differences from the reference code:
   position-major (so it averages tokens of different positions) and runs the transformer again on
   the result; here each position is averaged over the images of the set, then the output head
   is applied.
-- The sViT (`SetViTEncoder`) stacks the images of the set along channels as the reference does
+- The sViT (`SetTokenEncoder`) stacks the images of the set along channels as the reference does
   (one token per patch position, so it reads sets of one size, in order), and applies the
   Shifted Patch Tokenization that the reference leaves commented out (the stack and its four
   diagonal half-patch shifts, Lee et al. 2021), with Locality Self-Attention.
@@ -29,7 +35,7 @@ Differences from the reference code:
 from __future__ import annotations
 
 import abc
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, NotRequired, TypedDict, Unpack
 
 import equinox as eqx
 import jax
@@ -37,7 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from .attention import Transformer, apply_tokens, patchify, split_key, timestep_embedding
+from .attention import Transformer
+from .layers import apply_tokens, patchify, split_key, timestep_embedding
 
 Pooling = Literal["cls", "mean", "sum", "mean_patch"]
 POOLINGS: tuple[Pooling, ...] = ("cls", "mean", "sum", "mean_patch")
@@ -72,6 +79,31 @@ def shifted_patch_input(x: Float[Array, "c h w"], shift: int) -> Float[Array, "c
     return jnp.concatenate(views, axis=0)
 
 
+class SetTransformerOptions(TypedDict):
+    """The set transformer's hyperparameters, the same whichever way the set is tokenised."""
+
+    dim: int
+    """The token width."""
+    depth: int
+    """The number of transformer blocks."""
+    num_heads: int
+    """Attention heads per block."""
+    head_dim: int
+    """The width of each head."""
+    mlp_dim: int
+    """The hidden width of each block's MLP."""
+    hdim: int
+    """The context size."""
+    pooling: NotRequired[Pooling]
+    """`cls`, `mean` (the default), `sum` (a vector) or `mean_patch` (tokens)."""
+    dropout: NotRequired[float]
+    """Dropout on the embeddings, attention outputs and MLPs; 0 by default."""
+    time_token: NotRequired[bool]
+    """Add a diffusion-timestep token (then `t` must be passed); off by default."""
+    time_dim: NotRequired[int]
+    """Size of the sinusoidal timestep embedding; 256 by default."""
+
+
 class SetTransformer(eqx.Module):
     """The set trunk both encoders share: tokens, position embeddings, transformer, pooling, head.
 
@@ -93,20 +125,21 @@ class SetTransformer(eqx.Module):
         self,
         *,
         num_patches: int,
+        locality: bool,
         dim: int,
         depth: int,
         num_heads: int,
         head_dim: int,
         mlp_dim: int,
         hdim: int,
-        pooling: Pooling,
-        dropout: float,
-        time_token: bool,
-        time_dim: int,
-        locality: bool,
+        pooling: Pooling = "mean",
+        dropout: float = 0.0,
+        time_token: bool = False,
+        time_dim: int = 256,
         key: PRNGKeyArray,
     ):
-        """**Arguments:** see `ViTSetEncoder`; `num_patches` per image, `locality` for LSA."""
+        """**Arguments:** `num_patches`, the patch positions of an image; `locality`, Locality
+        Self-Attention; `key`, initialisation randomness; the rest as `SetTransformerOptions`."""
         if pooling not in POOLINGS:
             raise ValueError(f"pooling={pooling!r} is not allowed; choose one of {POOLINGS}.")
         cls_key, pos_key, time_key, tr_key, head_key = jax.random.split(key, 5)
@@ -272,8 +305,9 @@ def _check_image(image_size: int, patch_size: int) -> int:
     return (image_size // patch_size) ** 2
 
 
-class ViTSetEncoder(AbstractSetEncoder):
-    """The plain set ViT: linear patch embedding, then the set transformer."""
+class ImageTokenEncoder(AbstractSetEncoder):
+    """The set ViT: every image of the set becomes its own patch tokens (a linear patch
+    embedding), all read by the set transformer."""
 
     patch_embed: eqx.nn.Linear
     trunk: SetTransformer
@@ -285,47 +319,21 @@ class ViTSetEncoder(AbstractSetEncoder):
         image_size: int,
         channels: int,
         patch_size: int,
-        dim: int,
-        depth: int,
-        num_heads: int,
-        head_dim: int,
-        mlp_dim: int,
-        hdim: int,
-        pooling: Pooling = "mean",
-        dropout: float = 0.0,
-        time_token: bool = False,
-        time_dim: int = 256,
         key: PRNGKeyArray,
+        **options: Unpack[SetTransformerOptions],
     ):
         """**Arguments:**
         - `image_size`, `channels`: the square images' size and channels.
         - `patch_size`: side of the square patches; divides `image_size`.
-        - `dim`, `depth`, `num_heads`, `head_dim`, `mlp_dim`: the transformer's width, blocks,
-          heads, head width and MLP width.
-        - `hdim`: the context size.
-        - `pooling`: `cls`, `mean`, `sum` (a vector) or `mean_patch` (tokens).
-        - `dropout`: dropout on the embeddings, attention outputs and MLPs.
-        - `time_token`: add a diffusion-timestep token (then `t` must be passed).
-        - `time_dim`: size of the sinusoidal timestep embedding.
         - `key`: initialisation randomness.
+        - `**options`: the set transformer's sizes, pooling, dropout and timestep token, see
+          `SetTransformerOptions`.
         """
         num_patches = _check_image(image_size, patch_size)
         embed_key, trunk_key = jax.random.split(key)
-        self.patch_embed = eqx.nn.Linear(channels * patch_size**2, dim, key=embed_key)
+        self.patch_embed = eqx.nn.Linear(channels * patch_size**2, options["dim"], key=embed_key)
         self.trunk = SetTransformer(
-            num_patches=num_patches,
-            dim=dim,
-            depth=depth,
-            num_heads=num_heads,
-            head_dim=head_dim,
-            mlp_dim=mlp_dim,
-            hdim=hdim,
-            pooling=pooling,
-            dropout=dropout,
-            time_token=time_token,
-            time_dim=time_dim,
-            locality=False,
-            key=trunk_key,
+            num_patches=num_patches, locality=False, key=trunk_key, **options
         )
         self.patch_size = patch_size
 
@@ -342,17 +350,17 @@ class ViTSetEncoder(AbstractSetEncoder):
         return jax.vmap(embed)(x_set)
 
 
-class SetViTEncoder(AbstractSetEncoder):
-    """The paper's sViT: the set stacked on the channel axis, Shifted Patch Tokenization and
-    Locality Self-Attention.
+class SetTokenEncoder(AbstractSetEncoder):
+    """The paper's sViT: the set stacked on the channel axis becomes one group of patch tokens,
+    with Shifted Patch Tokenization and Locality Self-Attention.
 
     The ``set_size`` images are stacked along channels (channel-major: image ``i`` of channel
     ``c`` is input channel ``c * set_size + i``, as the reference's ``SPT``), the stack is
     concatenated with its four diagonal half-patch shifts (Lee et al. 2021), and each patch
     position becomes one token holding the patch of every image: ``patches`` tokens per set
-    instead of ``set_size * patches``, so attention costs ``set_size ** 2`` times less than the
-    plain set ViT's. The price is that the encoder reads sets of exactly ``set_size`` images and
-    depends on their order.
+    instead of ``set_size * patches``, so attention costs ``set_size ** 2`` times less than
+    `ImageTokenEncoder`'s. The price is that the encoder reads sets of exactly ``set_size``
+    images and depends on their order.
     """
 
     patch_norm: eqx.nn.LayerNorm
@@ -368,42 +376,21 @@ class SetViTEncoder(AbstractSetEncoder):
         channels: int,
         set_size: int,
         patch_size: int,
-        dim: int,
-        depth: int,
-        num_heads: int,
-        head_dim: int,
-        mlp_dim: int,
-        hdim: int,
-        pooling: Pooling = "mean",
-        dropout: float = 0.0,
-        time_token: bool = False,
-        time_dim: int = 256,
         key: PRNGKeyArray,
+        **options: Unpack[SetTransformerOptions],
     ):
-        """**Arguments:** as for `ViTSetEncoder`, and `set_size`, the number of images of every
-        set it reads (``ns - 1`` for leave-one-out contexts of sets of ``ns``). Patches are
+        """**Arguments:** as for `ImageTokenEncoder`, and `set_size`, the number of images of
+        every set it reads (``ns - 1`` for leave-one-out contexts of sets of ``ns``). Patches are
         shifted by half a patch (at least one pixel)."""
         if set_size < 1:
-            raise ValueError(f"SetViTEncoder set_size={set_size!r} must be an int >= 1.")
+            raise ValueError(f"SetTokenEncoder set_size={set_size!r} must be an int >= 1.")
         num_patches = _check_image(image_size, patch_size)
         embed_key, trunk_key = jax.random.split(key)
         patch_dim = 5 * set_size * channels * patch_size**2
         self.patch_norm = eqx.nn.LayerNorm(patch_dim)
-        self.patch_embed = eqx.nn.Linear(patch_dim, dim, key=embed_key)
+        self.patch_embed = eqx.nn.Linear(patch_dim, options["dim"], key=embed_key)
         self.trunk = SetTransformer(
-            num_patches=num_patches,
-            dim=dim,
-            depth=depth,
-            num_heads=num_heads,
-            head_dim=head_dim,
-            mlp_dim=mlp_dim,
-            hdim=hdim,
-            pooling=pooling,
-            dropout=dropout,
-            time_token=time_token,
-            time_dim=time_dim,
-            locality=True,
-            key=trunk_key,
+            num_patches=num_patches, locality=True, key=trunk_key, **options
         )
         self.patch_size = patch_size
         self.set_size = set_size
@@ -421,7 +408,7 @@ class SetViTEncoder(AbstractSetEncoder):
             raise ValueError(
                 f"this sViT encoder stacks sets of exactly set_size={self.set_size} images on the "
                 f"channel axis, got {m}; give {self.set_size} images (ModelConfig.ns - 1), or use "
-                "the plain set ViT (ModelConfig.encoder='vit') for sets of any size."
+                "ImageTokenEncoder (ModelConfig.encoder='vit') for sets of any size."
             )
         stacked = jnp.transpose(x_set, (1, 0, 2, 3)).reshape(c * m, h, w)
         shift = max(1, self.patch_size // 2)
@@ -436,3 +423,9 @@ def encoder_attention_layout(num_images: int, num_patches: int, time_token: bool
     """
     special = np.full((2 if time_token else 1,), -1)
     return np.concatenate([special, np.repeat(np.arange(num_images), num_patches)])
+
+
+ViTSetEncoder = ImageTokenEncoder
+"""Another name of `ImageTokenEncoder`, the set ViT."""
+SetViTEncoder = SetTokenEncoder
+"""Another name of `SetTokenEncoder`, the sViT."""

@@ -13,8 +13,8 @@ from .step import LossFn
 
 
 def fsdm_loss_fn(diffusion_config: DiffusionConfig) -> LossFn:
-    """``(model, set, key, *, context_offset=None) -> (loss, aux)`` from `FSDM.loss` on the
-    training schedule.
+    """The `LossFn` of an `FSDM`, ``(model, set, key, *, context_offset=None) -> (loss, aux)``,
+    from `FSDM.loss` on the training schedule.
 
     ``aux`` carries the scalar terms (`mse`, `vb`, `klc`), the leave-one-out contexts, whose
     statistics and gradient the step reports, and `debug/modulation/<block>/<part>`: the

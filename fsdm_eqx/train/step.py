@@ -4,16 +4,16 @@ The per-set loss is vmapped over the batch; with a mesh, the gradient and the me
 computed per device inside ``shard_map`` and averaged with ``pmean`` over ``data``. The optimiser
 update, the EMA and the guard against non-finite values follow on the replicated parameters.
 
-When the loss reports the contexts it conditions on (``aux["context"]``), the step adds a zero
-offset to them and differentiates with respect to the parameters and the offsets together, so
-the gradient with respect to the contexts comes from the same backward pass.
+The loss follows the `LossFn` protocol. When it reports the contexts it conditions on
+(``aux["context"]``), the step passes it a zero ``context_offset`` to add to them and
+differentiates with respect to the parameters and the offsets together, so the gradient with
+respect to the contexts comes from the same backward pass.
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import equinox as eqx
 import jax
@@ -36,12 +36,36 @@ from .optimizer import (
 from .parallel import DATA_AXIS
 from .state import TrainState
 
-LossFn = Callable[..., tuple[Float[Array, ""], dict[str, Array]]]
-"""``(model, example, key, *, context_offset=None) -> (loss, aux)`` for one example (one set).
-``aux`` holds scalars to average over the batch, and optionally ``context`` (any shape ending in
-the context width), whose statistics are reported. A loss that reports ``context`` takes the
-keyword ``context_offset``, an array of the context's shape and dtype to add to the context
-before it is used (the step passes zeros and differentiates with respect to it)."""
+
+@runtime_checkable
+class LossFn(Protocol):
+    """The per-set loss the training step takes.
+
+    ``loss_fn(model, set, key, *, context_offset=None) -> (loss, aux)`` for one example (one
+    set); the step vmaps it over the batch. ``aux`` holds scalars to average over the batch, and
+    optionally ``context`` (any shape ending in the context width), whose statistics are
+    reported. When the loss reports ``context``, the step calls it with ``context_offset``, an
+    array of the context's shape and dtype that the loss adds to the context before using it:
+    the step passes zeros and differentiates with respect to them, which gives dL/dc in the same
+    backward pass. A loss that reports no context is called without it.
+    """
+
+    def __call__(
+        self,
+        model: PyTree,
+        example: PyTree,
+        key: PRNGKeyArray,
+        /,
+        *,
+        context_offset: Array | None = None,
+    ) -> tuple[Float[Array, ""], dict[str, Array]]:
+        """**Arguments:** the model (in the compute dtype), one example, its key, and the offset
+        to add to the context the loss reports.
+
+        **Returns:** the example's loss and its `aux` dictionary.
+        """
+        ...
+
 
 StepFn = Callable[[TrainState, PyTree], tuple[TrainState, dict[str, Array]]]
 
@@ -53,14 +77,21 @@ def cast_floating(tree: PyTree, dtype: DTypeLike) -> PyTree:
     return jax.tree_util.tree_map(lambda x: x.astype(dtype) if eqx.is_inexact_array(x) else x, tree)
 
 
-def _takes_context_offset(loss_fn: LossFn) -> bool:
+def _call_with_offset(
+    loss_fn: LossFn, model: PyTree, example: PyTree, key: PRNGKeyArray, offset: Array
+) -> tuple[Float[Array, ""], dict[str, Array]]:
+    """``loss_fn(model, example, key, context_offset=offset)``, with one clear error for a loss
+    that reports a context but does not take the offset."""
     try:
-        parameters = inspect.signature(loss_fn).parameters.values()
-    except (TypeError, ValueError):  # no signature to read: assume the protocol
-        return True
-    return any(
-        p.name == "context_offset" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters
-    )
+        return loss_fn(model, example, key, context_offset=offset)
+    except TypeError as error:
+        if "context_offset" not in str(error):
+            raise
+        raise TypeError(
+            f"The loss {getattr(loss_fn, '__name__', loss_fn)!r} reports aux['context'] but "
+            "takes no `context_offset` keyword; add `context_offset=None` to its signature "
+            "and add it to the context (the step differentiates with respect to it)."
+        ) from error
 
 
 def grad_param_ratios(grads: PyTree, params: PyTree) -> dict[str, Float[Array, ""]]:
@@ -135,7 +166,7 @@ def make_train_step(
 
     **Arguments:**
     - `loss_fn`: the per-set loss, `(model, set, key, *, context_offset=None) -> (loss, aux)`
-      (see `LossFn`; `fsdm_loss_fn` makes one for an `FSDM`).
+      (the `LossFn` protocol; `fsdm_loss_fn` makes one for an `FSDM`).
     - `config`: optimiser, EMA, precision and non-finite policy.
     - `total_steps`: unused, accepted so that existing calls keep working: the schedule's
       horizon is part of the optimiser state (`init_train_state(total_steps=...)`), so that a
@@ -175,7 +206,7 @@ def make_train_step(
                 return jax.vmap(loss_fn, in_axes=(None, 0, 0))(model, batch, keys)
 
             def one(example: PyTree, key: PRNGKeyArray, offset: Array) -> tuple[Array, Any]:
-                return loss_fn(model, example, key, context_offset=offset)
+                return _call_with_offset(loss_fn, model, example, key, offset)
 
             return jax.vmap(one)(batch, keys, offsets)
 
@@ -187,12 +218,6 @@ def make_train_step(
 
         _, aux_shape = jax.eval_shape(per_set_losses, params, None)
         context = aux_shape.get("context")
-        if context is not None and not _takes_context_offset(loss_fn):
-            raise TypeError(
-                f"The loss {getattr(loss_fn, '__name__', loss_fn)!r} reports aux['context'] but "
-                "takes no `context_offset` keyword; add `context_offset=None` to its signature "
-                "and add it to the context (the step differentiates with respect to it)."
-            )
         offsets = None if context is None else jnp.zeros(context.shape, context.dtype)
         if axis_name is not None:
             # Mark the replicated parameters as varying per device, so that each device's

@@ -1,0 +1,103 @@
+"""A compiled function over many inputs in batches of one fixed shape, so it compiles once.
+
+The evaluation protocols (features, generation, likelihood, the probe) all run a jitted, vmapped
+function over thousands of items: `map_in_batches` pads the last batch to the common size,
+optionally splits every batch over a device mesh, overlaps the device work of one batch with
+copying back the previous one, and trims the padding. `index_keys` gives item ``i`` a key that
+depends on ``i`` alone, so results do not depend on the batch size or the devices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Sharding
+from jaxtyping import Array, Integer, Key, PyTree, Shaped
+
+__all__ = ["index_keys", "map_in_batches"]
+
+
+def index_keys(seed: int, indices: Integer[Array, " b"]) -> Key[Array, " b"]:
+    """The key of each item: ``fold_in(key(seed), i)`` of the threefry PRNG.
+
+    Threefry's bits do not change under `jax.vmap` (rbg's do), whatever the default
+    implementation, so an item's randomness depends neither on its batch nor on its place in it.
+
+    **Arguments:**
+    - `seed`: the seed of the base key.
+    - `indices`: the item indices.
+
+    **Returns:** one threefry key per index.
+    """
+    base = jax.random.key(seed, impl="threefry2x32")
+    return jax.vmap(lambda i: jax.random.fold_in(base, i))(indices)
+
+
+def _pad(chunk: np.ndarray, size: int) -> np.ndarray:
+    """``chunk`` with its last item repeated up to ``size`` items (always a valid input)."""
+    if chunk.shape[0] == size:
+        return chunk
+    return np.concatenate([chunk, np.repeat(chunk[-1:], size - chunk.shape[0], axis=0)])
+
+
+def map_in_batches(
+    fn: Callable[..., PyTree[Array]],
+    inputs: Sequence[Shaped[np.ndarray, "n ..."]],
+    batch_size: int,
+    *,
+    sharding: Sharding | None = None,
+) -> PyTree[np.ndarray]:
+    """``fn(*inputs)`` computed ``batch_size`` items at a time, every call of the same shape.
+
+    The last batch is padded by repeating its last item and the padded outputs are dropped, so a
+    jitted ``fn`` compiles once; batch ``i + 1`` is dispatched before batch ``i`` is copied back.
+    ``fn`` must treat items independently (e.g. a `jax.vmap`): padding must not change the others.
+
+    **Arguments:**
+    - `fn`: a compiled function of one batch of each input, returning a PyTree of arrays with the
+      batch as their leading axis.
+    - `inputs`: the arrays, all with the same number ``n`` of items along axis 0.
+    - `batch_size`: items per call; with a `sharding`, rounded up to a multiple of its devices.
+    - `sharding`: where each batch is placed (e.g. `fsdm_eqx.sharding.batch_sharding`, split
+      over a mesh); default `jnp.asarray`, the default device.
+
+    **Returns:** the outputs for all ``n`` items as numpy arrays, in the structure ``fn``
+    returns.
+    """
+    arrays = [np.asarray(x) for x in inputs]
+    if not arrays:
+        raise ValueError("map_in_batches needs at least one input array.")
+    n = arrays[0].shape[0]
+    if any(x.shape[0] != n for x in arrays):
+        sizes = [x.shape[0] for x in arrays]
+        raise ValueError(f"the inputs must have the same number of items; got {sizes}.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} is not allowed; it must be at least 1.")
+    if sharding is not None:
+        devices = len(sharding.device_set)
+        batch_size = -(-batch_size // devices) * devices
+
+    def place(chunk: np.ndarray) -> Array:
+        return jnp.asarray(chunk) if sharding is None else jax.device_put(chunk, sharding)
+
+    if n == 0:
+        shapes = [jax.ShapeDtypeStruct((batch_size, *x.shape[1:]), x.dtype) for x in arrays]
+        out = jax.eval_shape(fn, *shapes)
+        return jax.tree_util.tree_map(lambda s: np.zeros((0, *s.shape[1:]), s.dtype), out)
+
+    def fetch(out: PyTree[Array], count: int) -> PyTree[np.ndarray]:
+        return jax.tree_util.tree_map(lambda y: np.asarray(y)[:count], out)
+
+    parts: list[PyTree[np.ndarray]] = []
+    pending: list[tuple[PyTree[Array], int]] = []
+    for start in range(0, n, batch_size):
+        batch = [place(_pad(x[start : start + batch_size], batch_size)) for x in arrays]
+        pending.append((fn(*batch), min(batch_size, n - start)))
+        # Dispatch is asynchronous: batch i + 1 is queued before batch i is copied back.
+        if len(pending) > 1:
+            parts.append(fetch(*pending.pop(0)))
+    parts += [fetch(*p) for p in pending]
+    return jax.tree_util.tree_map(lambda *leaves: np.concatenate(leaves), *parts)
