@@ -25,8 +25,10 @@ SplitPart = Literal["train", "val", "test"]
 OmniglotSubsetName = Literal["background", "evaluation", "background_small1", "background_small2"]
 
 # Networks.
-EncoderName = Literal["vit", "svit"]
-PoolingName = Literal["cls", "mean", "sum", "mean_patch"]
+EncoderName = Literal["vit", "svit", "unet"]
+PoolingName = Literal["cls", "mean", "sum", "mean_patch", "agg", "none"]
+TOKEN_POOLINGS: tuple[PoolingName, ...] = ("mean_patch", "agg", "none")
+"""The poolings that give the context as tokens (for LAG's cross-attention), not one vector."""
 ConditioningName = Literal["film", "lag"]
 DenoiserName = Literal["dit", "unet"]
 DiTSize = Literal["S", "B"]

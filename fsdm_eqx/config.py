@@ -33,6 +33,7 @@ from ._custom_types import (
     DATASET_IMAGE_SIZES,
     DIT_SIZES,
     GROUP_NORM_GROUPS,
+    TOKEN_POOLINGS,
     ClassSplitName as ClassSplitName,
     ConditioningName as ConditioningName,
     DatasetName as DatasetName,
@@ -416,14 +417,19 @@ class ModelConfig:
     """The FSDM networks: set encoder, optional Gaussian posterior and denoiser (DiT or UNet).
 
     The encoder reads a set of images into a context (a vector pooled by `cls`, `mean` or `sum`
-    for FiLM conditioning, or one token per patch position by `mean_patch` for LAG); the context
+    for FiLM conditioning, or tokens by `mean_patch`, `agg` or `none` for LAG); the context
     conditions the denoiser. Presets: `model_preset(name)`.
     """
 
     encoder: EncoderName = "vit"
-    """`vit`: the plain set ViT; `svit`: Shifted Patch Tokenization + Locality Self-Attention."""
+    """`vit`: the plain set ViT; `svit`: Shifted Patch Tokenization + Locality Self-Attention;
+    `unet`: the UNet's downsampling half on each image, averaged over the set (its levels are the
+    `unet_*` settings; `pooling='mean'`, FiLM, no timestep token)."""
     pooling: PoolingName = "mean"
-    """How the encoder's tokens become the context: `cls`, `mean`, `sum` or `mean_patch` (LAG)."""
+    """How the ViT's tokens become the context: one vector by `cls`, `mean` or `sum` (FiLM), or
+    tokens (LAG) by `mean_patch` (per patch position, the mean over the set), `agg` (the set's
+    mean patch embeddings through the transformer, every output token) or `none` (every output
+    token of every image: their number grows with the set)."""
     conditioning: ConditioningName = "film"
     """`film`: the context vector modulates the denoiser; `lag`: its tokens are attended to."""
     hdim: PositiveInt = 256
@@ -433,7 +439,7 @@ class ModelConfig:
     encoder_heads: PositiveInt = 12
     """Attention heads of the encoder."""
     encoder_head_dim: PositiveInt = 64
-    """Width of each encoder attention head."""
+    """Width of each encoder attention head (the UNet encoder's too)."""
     encoder_mlp_dim: PositiveInt = 256
     """Hidden width of the encoder's MLPs."""
     encoder_dropout: UnitFloatBelowOne = 0.0
@@ -493,14 +499,26 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
-        if (self.conditioning == "lag") != (self.pooling == "mean_patch"):
+        if (self.conditioning == "lag") != (self.pooling in TOKEN_POOLINGS):
             raise ValueError(
                 f"ModelConfig.conditioning={self.conditioning!r} is not allowed with "
-                f"pooling={self.pooling!r}; LAG attends to one token per patch position: use "
-                "conditioning='lag' with pooling='mean_patch', and 'film' with 'cls', 'mean' "
-                "or 'sum'."
+                f"pooling={self.pooling!r}; LAG attends to context tokens: use conditioning='lag' "
+                "with pooling 'mean_patch', 'agg' or 'none', and 'film' with 'cls', 'mean' or "
+                "'sum'."
             )
-        if self.image_size % self.encoder_patch_size:
+        if self.encoder == "unet":
+            if self.pooling != "mean":
+                raise ValueError(
+                    f"ModelConfig.encoder='unet' is not allowed with pooling={self.pooling!r}; "
+                    "the UNet encoder averages its image vectors over the set: use "
+                    "pooling='mean' (with FiLM)."
+                )
+            if self.encoder_time_token:
+                raise ValueError(
+                    "ModelConfig.encoder_time_token=True is not allowed with encoder='unet'; the "
+                    "UNet encoder reads no timestep: set encoder_time_token=False."
+                )
+        elif self.image_size % self.encoder_patch_size:
             raise ValueError(
                 f"ModelConfig.encoder_patch_size={self.encoder_patch_size} is not allowed; it "
                 f"must divide image_size={self.image_size}."
@@ -522,7 +540,7 @@ class ModelConfig:
                     f"ModelConfig DiT width {hidden} is not allowed with {heads} heads; it must "
                     "be a multiple of 4 and of the number of heads."
                 )
-        elif self.unet_model_channels % GROUP_NORM_GROUPS:
+        if "unet" in (self.denoiser, self.encoder) and self.unet_model_channels % GROUP_NORM_GROUPS:
             raise ValueError(
                 f"ModelConfig.unet_model_channels={self.unet_model_channels} is not allowed; "
                 f"it must be a multiple of {GROUP_NORM_GROUPS} (the GroupNorm groups)."
@@ -607,13 +625,34 @@ MODEL_PRESETS["vfsddpm_cifar100_vit_film_mean_sigma"] = MODEL_PRESETS["paper-cif
 MODEL_PRESETS["vfsddpm_cifar100_vit_lag_meanpatch_sigma"] = dataclasses.replace(
     MODEL_PRESETS["paper-cifar100"], conditioning="lag", pooling="mean_patch"
 )
+for _name, _changes in {
+    "vfsddpm_cifar100_vit_lag_agg_sigma": {"conditioning": "lag", "pooling": "agg"},
+    "vfsddpm_cifar100_vit_lag_none_sigma": {"conditioning": "lag", "pooling": "none"},
+    "vfsddpm_cifar100_vitset_lag_none_sigma": {
+        "encoder": "svit",
+        "conditioning": "lag",
+        "pooling": "none",
+    },
+    "vfsddpm_cifar100_unet_film_mean_sigma": {"encoder": "unet", "encoder_time_token": False},
+    "vfsddpm_cifar100_unet_film_mean_vi": {
+        "encoder": "unet",
+        "encoder_time_token": False,
+        "variational": True,
+    },
+}.items():
+    MODEL_PRESETS[_name] = dataclasses.replace(MODEL_PRESETS["paper-cifar100"], **_changes)
 """Named model configurations: `paper-cifar100`, also named after the reference run it
 reproduces, `vfsddpm_cifar100_vit_film_mean_sigma` (ViT encoder, mean pooling, FiLM,
 deterministic context, UNet with learned variance: FID 45.50 on unseen classes in the paper);
 `vfsddpm_cifar100_vit_lag_meanpatch_sigma` (the paper's best run: the same ViT, its patch tokens
 averaged over the set and read by the UNet's cross-attention (LAG), deterministic: FID 35.07);
-`dit-s-cifar100` (the FiLM encoder with DiT-S/2) and `smoke` (tiny networks on the same 32x32
-sets of 6, compiles in seconds on a CPU)."""
+the reference's other CIFAR-100 runs, each the same but for the named part: LAG on the ViT's
+tokens pooled by `agg` (`vfsddpm_cifar100_vit_lag_agg_sigma`) or `none`
+(`vfsddpm_cifar100_vit_lag_none_sigma`, and with the sViT `vfsddpm_cifar100_vitset_lag_none_sigma`),
+and the image-level UNet encoder with FiLM on the mean over the set, deterministic
+(`vfsddpm_cifar100_unet_film_mean_sigma`) or variational (`vfsddpm_cifar100_unet_film_mean_vi`;
+the paper reports FID 38.50 for its UNet-encoder model); `dit-s-cifar100` (the FiLM encoder with
+DiT-S/2) and `smoke` (tiny networks on the same 32x32 sets of 6, compiles in seconds on a CPU)."""
 
 
 def model_preset(name: str) -> ModelConfig:
@@ -673,6 +712,13 @@ class EvalConfig:
     """Episodes of the classification probe (one support set per class per episode)."""
     probe_queries_per_class: PositiveInt = 15
     """Query images per class per episode, disjoint from that episode's support set."""
+    curve_sets: PositiveInt = 200
+    """Support sets of the cheap FID computed during training (`RunConfig.fid_every`), the same
+    sets at every evaluation; the other counts are this protocol's."""
+    curve_sampler: SamplerName = "ddim"
+    """Sampler of that FID."""
+    curve_sampling_steps: PositiveInt = 50
+    """Respaced sampling steps of that FID."""
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -697,6 +743,9 @@ class RunConfig:
     """The last this many checkpoints are kept."""
     seed: NonNegativeInt = 0
     """Root seed of the run (model initialisation, training keys, the set sampler)."""
+    fid_every: NonNegativeInt | None = None
+    """A cheap few-shot FID/KID (`EvalConfig.curve_sets`, `curve_sampler`) is computed every
+    this many steps, a multiple of `eval_every`: None with every evaluation, 0 never."""
     early_stopping_patience: NonNegativeInt = 0
     """Stop after this many evaluations without improvement of the monitored metric (`fid` when
     the run computes it during training, else `eval_loss`); 0 disables."""
@@ -704,6 +753,9 @@ class RunConfig:
     """An evaluation improves only when the monitored metric falls by more than this."""
     keep_best: bool = True
     """Keep the checkpoint of the best monitored metric under `run_dir/best/`."""
+    resume_anyway: bool = False
+    """Resume `run_dir` even though its checkpoint was written for another model, diffusion or
+    data configuration (a warning names the differences); without it such a resume is refused."""
     progress: bool = True
     """Show a progress bar with steps/s and the ETA."""
     sample_every: NonNegativeInt = 1000

@@ -1,8 +1,9 @@
 """Generate images of a new class from a trained checkpoint and a folder of support images.
 
 ``python -m fsdm_eqx.sample --checkpoint runs/smoke --support-dir my_class/ --num 16`` loads the
-newest checkpoint of the run directory (or the given ``step_*`` checkpoint), rebuilds the model
-from the experiment configuration stored in its metadata, reads the support images (PNG or JPEG,
+newest checkpoint of the run directory (or the given ``step_*`` checkpoint, or a model file
+written by ``python -m fsdm_eqx.export``), rebuilds the model from the experiment configuration
+stored with it, reads the support images (PNG or JPEG,
 any size and colour mode: centre-cropped to a square, resized to the model's side and converted to
 its channels), generates ``--num`` images with the EMA model and writes them as
 ``sample_000.png``, ... and ``grid.png`` (the support row over the generated rows) in
@@ -53,7 +54,8 @@ class SampleConfig:
     """Generate images of the class shown by a folder of support images."""
 
     checkpoint: str
-    """A run directory (its newest checkpoint is used) or one ``step_*`` checkpoint directory."""
+    """A run directory (its newest checkpoint is used), one ``step_*`` checkpoint directory, or
+    an ``.npz`` file written by ``python -m fsdm_eqx.export``."""
     support_dir: str
     """Folder of the support images of the new class (PNG or JPEG, any size, RGB or gray)."""
     out_dir: str = "samples"
@@ -157,7 +159,8 @@ def load_ema_model(checkpoint: str | Path) -> tuple[FSDM, ExperimentConfig, int]
     """The EMA model of a checkpoint written by the experiment, in inference mode.
 
     **Arguments:**
-    - `checkpoint`: a run directory (its newest checkpoint) or a ``step_*`` directory.
+    - `checkpoint`: a run directory (its newest checkpoint), a ``step_*`` directory, or an
+      ``.npz`` file written by ``python -m fsdm_eqx.export`` (`fsdm_eqx.export.load_exported`).
 
     **Returns:** `(model, config, step)`: the EMA model, the experiment's configuration (read
     from the checkpoint's metadata) and the training step of the checkpoint.
@@ -166,6 +169,10 @@ def load_ema_model(checkpoint: str | Path) -> tuple[FSDM, ExperimentConfig, int]
     was not written by the experiment.
     """
     path = Path(checkpoint)
+    if path.suffix.lower() == ".npz" and not path.is_dir():
+        from .export import load_exported  # the export module reads checkpoints through this one
+
+        return load_exported(path)
     resolved, metadata = _checkpoint_metadata(path)
     try:
         config = experiment_config_from_dict(metadata["experiment"])

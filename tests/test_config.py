@@ -127,6 +127,20 @@ BAD_VALUES: list[tuple[type, dict[str, Any], str]] = [
     ),
     (ModelConfig, {"conditioning": "lag"}, "mean_patch"),
     (ModelConfig, {"pooling": "mean_patch"}, "mean_patch"),
+    (ModelConfig, {"pooling": "agg"}, r"pooling='agg'; LAG attends to context tokens"),
+    (ModelConfig, {"pooling": "none"}, r"pooling='none'; LAG"),
+    (
+        ModelConfig,
+        {"encoder": "unet", "pooling": "cls"},
+        r"encoder='unet' is not allowed with pool",
+    ),
+    (
+        ModelConfig,
+        {"encoder": "unet", "conditioning": "lag", "pooling": "mean_patch"},
+        r"encoder='unet' is not allowed with pooling='mean_patch'",
+    ),
+    (ModelConfig, {"encoder": "unet", "encoder_time_token": True}, "reads no timestep"),
+    (ModelConfig, {"encoder": "unet", "unet_model_channels": 48}, "multiple of 32"),
     (ModelConfig, {"encoder": "resnet"}, "encoder"),
     (ModelConfig, {"pooling": "max"}, "pooling"),
     (ModelConfig, {"encoder_patch_size": 5}, "encoder_patch_size"),
@@ -186,11 +200,12 @@ ONE_BAD_VALUE: dict[type, dict[str, Any]] = {
         "seed": -1, "generate_batch_size": 0, "feature_batch_size": 0, "kid_subset_size": 1,
         "kid_num_subsets": 0, "pr_neighbours": 0, "eval_split": "dev", "likelihood_sets": 0,
         "likelihood_steps": 0, "likelihood_batch_size": 0, "probe_episodes": 0,
-        "probe_queries_per_class": 0,
+        "probe_queries_per_class": 0, "curve_sets": 0, "curve_sampler": "euler",
+        "curve_sampling_steps": 0,
     },
     RunConfig: {
         "run_dir": "", "num_steps": 0, "log_every": 0, "eval_every": -1, "save_every": -1,
-        "keep_checkpoints": 0, "seed": -1, "early_stopping_patience": -1,
+        "keep_checkpoints": 0, "seed": -1, "fid_every": -1, "early_stopping_patience": -1,
         "early_stopping_min_delta": -0.1, "sample_every": -1,
         "wandb": "cloud", "wandb_project": "", "wandb_entity": "", "wandb_init_timeout": 0.0,
     },
@@ -284,6 +299,11 @@ def test_presets() -> None:
         "paper-cifar100",
         "vfsddpm_cifar100_vit_film_mean_sigma",
         "vfsddpm_cifar100_vit_lag_meanpatch_sigma",
+        "vfsddpm_cifar100_vit_lag_agg_sigma",
+        "vfsddpm_cifar100_vit_lag_none_sigma",
+        "vfsddpm_cifar100_vitset_lag_none_sigma",
+        "vfsddpm_cifar100_unet_film_mean_sigma",
+        "vfsddpm_cifar100_unet_film_mean_vi",
         "dit-s-cifar100",
         "smoke",
     }
@@ -306,6 +326,23 @@ def test_presets() -> None:
         12,
         64,
     )
+    # the reference's other runs differ from it in the parts their names give
+    for name, changes in {
+        "vfsddpm_cifar100_vit_lag_agg_sigma": {"conditioning": "lag", "pooling": "agg"},
+        "vfsddpm_cifar100_vit_lag_none_sigma": {"conditioning": "lag", "pooling": "none"},
+        "vfsddpm_cifar100_vitset_lag_none_sigma": {
+            "encoder": "svit",
+            "conditioning": "lag",
+            "pooling": "none",
+        },
+        "vfsddpm_cifar100_unet_film_mean_sigma": {"encoder": "unet", "encoder_time_token": False},
+        "vfsddpm_cifar100_unet_film_mean_vi": {
+            "encoder": "unet",
+            "encoder_time_token": False,
+            "variational": True,
+        },
+    }.items():
+        assert model_preset(name) == dataclasses.replace(paper, **changes), name
     dit = model_preset("dit-s-cifar100")
     assert dit.dit_dims == (384, 12, 6) and dit.dit_patch_size == 2
     assert dataclasses.replace(dit, denoiser="unet") == paper

@@ -35,6 +35,7 @@ def _smoke_args(run_dir: Path) -> list[str]:
         "--eval.inception-weights", str(weights),
         "--run.run-dir", str(run_dir),
         "--run.no-progress",
+        "--data.cache-dir", str(run_dir.parent / f"{run_dir.name}-cache"),
     ]  # fmt: skip
 
 
@@ -134,7 +135,8 @@ def test_smoke_logs_images_visuals_and_wandb_offline(
         json.loads((run_dir / "metrics.json").read_text())["fid"]
     )
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    (scores,) = [r for r in records if "fid" in r]
+    # The final protocol's record; the FID curve's points come with an evaluation's eval_loss.
+    (scores,) = [r for r in records if "fid" in r and "eval_loss" not in r]
     assert scores["fid"] == pytest.approx(metrics["fid"])
     # One name per figure: W&B and metrics.json both say kid_mean (and no bare kid).
     for name in ("kid_mean", "kid_std", "precision", "recall"):
@@ -145,8 +147,53 @@ def test_smoke_logs_images_visuals_and_wandb_offline(
     names = json.loads((run_dir / "config.json").read_text())["class_split"]["test"]
     per_class = {k.removeprefix("fid/") for k in scores if k.startswith("fid/")}
     assert per_class and per_class <= set(names)
-    (probe,) = [r for r in records if "probe_accuracy" in r]
-    assert probe["probe_accuracy"] == pytest.approx(metrics["probe_accuracy"])
+    probe = [r for r in records if "probe_accuracy" in r]
+    assert [r["step"] for r in probe] == [10, 10]  # at the evaluation and at the end
+    assert probe[-1]["probe_accuracy"] == pytest.approx(metrics["probe_accuracy"])
+    accuracies = {k.removeprefix("Val/per_class_accuracy/"): v for k, v in probe[-1].items()
+                  if k.startswith("Val/per_class_accuracy/")}  # fmt: skip
+    assert set(accuracies) == set(names) and all(0 <= v <= 1 for v in accuracies.values())
+    confusion = json.loads((run_dir / "tables" / f"Val_confusion_matrix_{end}.json").read_text())
+    assert confusion["columns"][0] == "true" and set(confusion["columns"][1:]) == set(names)
+    counts = np.array([row[1:] for row in confusion["rows"]])
+    per_class_total = counts.sum(axis=1)
+    assert np.all(per_class_total == per_class_total[0])  # as many queries for every class
+    diagonal = {row[0]: row[1 + i] / per_class_total[i] for i, row in enumerate(confusion["rows"])}
+    assert diagonal == pytest.approx(accuracies)
+    assert {"Val/per_class_accuracy/" + names[0], "Val/confusion_matrix/counts/_type"} <= logged
+
+
+def test_smoke_quality_curve_best_checkpoint_and_extra_figures(
+    smoke_run: tuple[list[str], Path, str],
+) -> None:
+    _, run_dir, _ = smoke_run
+    smoke = PRESETS["smoke"]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    names = json.loads((run_dir / "config.json").read_text())["class_split"]
+    # The FID curve: at every evaluation, on the fixed curve sets, with its cost.
+    (curve,) = [r for r in records if "fid" in r and "eval_loss" in r]
+    assert curve["step"] == smoke.run.eval_every and np.isfinite(curve["fid"])
+    assert curve["fid_seconds"] > 0 and np.isfinite(curve["kid_mean"])
+    assert {k.removeprefix("fid/") for k in curve if k.startswith("fid/")} <= set(names["test"])
+    # The best evaluation's checkpoint, under best/ (monitored on fid).
+    (best,) = (run_dir / "best").glob("step_*")
+    assert json.loads((best / "metadata.json").read_text())["early_stopping"]["monitor"] == "fid"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    # Training classes too, labelled in-distro.
+    assert np.isfinite(metrics["fid_in_distro"])
+    assert metrics["fid_in_distro_detail"]["distro"] == "in-distro"
+    in_distro = {k.removeprefix("fid_in_distro/") for r in records for k in r
+                 if k.startswith("fid_in_distro/")}  # fmt: skip
+    assert in_distro and in_distro <= set(names["train"])
+    # Bits/dim of unseen-class images under their leave-one-out contexts.
+    assert 0 < metrics["likelihood/bpd"] < 100 and metrics["likelihood/bpd_sem"] >= 0
+    assert any("likelihood/bpd" in r for r in records)
+    # Sample diversity beside the real sets' figure.
+    assert metrics["diversity"] >= 0 and metrics["diversity_real"] > 0
+    # The real images' Inception statistics were cached, keyed by dataset and split.
+    cache = run_dir.parent / f"{run_dir.name}-cache" / "reference_statistics"
+    tags = {p.name.rsplit("-", 2)[0] for p in cache.glob("*.npz")}
+    assert tags == {"cifar100-test", "cifar100-train"}
 
 
 def test_summary_table_leaves_out_debug_metrics(smoke_run: tuple[list[str], Path, str]) -> None:
@@ -186,7 +233,8 @@ def test_sample_cli_on_the_smoke_run(
 def test_rerun_resumes(smoke_run: tuple[list[str], Path, str]) -> None:
     args, run_dir, _ = smoke_run
     steps = PRESETS["smoke"].run.num_steps
-    cheap = ["--no-fid", "--no-probe", "--visual-sets", "0", "--run.sample-every", "0"]
+    cheap = ["--no-fid", "--no-probe", "--no-likelihood", "--visual-sets", "0",
+             "--run.sample-every", "0"]  # fmt: skip
     main([*args, *cheap, "--run.num-steps", str(steps + 5), "--run.wandb", "disabled"])
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["resumed_from"] == steps
@@ -211,7 +259,8 @@ def test_rerun_skips_a_damaged_checkpoint(
     steps = sorted(int(p.name[len("step_") :]) for p in copy.glob("step_*"))
     newest = copy / f"step_{steps[-1]:08d}"
     _overwrite_a_few_bytes(newest / "metadata.json")
-    cheap = ["--no-fid", "--no-probe", "--visual-sets", "0", "--run.sample-every", "0"]
+    cheap = ["--no-fid", "--no-probe", "--no-likelihood", "--visual-sets", "0",
+             "--run.sample-every", "0"]  # fmt: skip
     argv = [*_smoke_args(copy), *cheap, "--run.wandb", "disabled"]
     with pytest.warns(UserWarning, match="damaged") as caught:
         main([*argv, "--run.num-steps", str(steps[-1])])
@@ -231,6 +280,30 @@ def test_only_damaged_checkpoints_are_a_one_line_error(tmp_path: Path) -> None:
     assert message.startswith("error: ") and "\n" not in message
     assert str(damaged / "metadata.json") in message and "delete them" in message
     assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_resume_refuses_another_model_unless_told(
+    smoke_run: tuple[list[str], Path, str], tmp_path: Path
+) -> None:
+    _, run_dir, _ = smoke_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    newest = max(int(p.name[len("step_") :]) for p in copy.glob("step_*"))
+    written = (copy / "config.json").read_text()
+    cheap = ["--no-fid", "--no-probe", "--no-likelihood", "--visual-sets", "0",
+             "--run.sample-every", "0", "--run.wandb", "disabled"]  # fmt: skip
+    argv = [*_smoke_args(copy), *cheap, "--run.num-steps", str(newest),
+            "--model.encoder-dropout", "0.1"]  # fmt: skip
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    message = str(info.value.code)
+    assert message.startswith("error: ") and "\n" not in message
+    assert "model.encoder_dropout 0.0 -> 0.1" in message and "--run.resume-anyway" in message
+    assert (copy / "config.json").read_text() == written  # refused before anything is rewritten
+    with pytest.warns(UserWarning, match="model.encoder_dropout 0.0 -> 0.1"):
+        main([*argv, "--run.resume-anyway"])
+    metrics = json.loads((copy / "metrics.json").read_text())
+    assert metrics["resumed_from"] == newest
 
 
 def test_help_lists_fields_with_defaults(capsys: pytest.CaptureFixture[str]) -> None:
@@ -301,10 +374,11 @@ def test_missing_inception_weights_fail_before_training(tmp_path: Path) -> None:
 
 def test_flags_named_in_error_messages_exist(capsys: pytest.CaptureFixture[str]) -> None:
     """Every ``--flag`` that the library's messages tell the user to pass is a real flag."""
+    from fsdm_eqx.export import main as export_main
     from fsdm_eqx.sample import main as sample_main
 
     helps = ""
-    for entry in (main, sample_main):
+    for entry in (main, sample_main, export_main):
         with pytest.raises(SystemExit):
             entry(["--help"])
         helps += capsys.readouterr().out

@@ -78,15 +78,32 @@ def test_leave_one_out_indices():
     assert idx.tolist() == [[1, 2, 3], [0, 2, 3], [0, 1, 3], [0, 1, 2]]
 
 
-@pytest.mark.parametrize("kind", ["vit-film-variational", "svit-lag-deterministic"])
+UNET_ENCODER = dict(
+    encoder="unet",
+    unet_model_channels=32,
+    unet_channel_mult=(1, 2),
+    unet_num_res_blocks=1,
+    unet_attention_resolutions=(16,),
+    encoder_head_dim=32,
+)
+"""A small UNet encoder for the `smoke` networks."""
+LOO_CONFIGS = {
+    "vit-film-variational": {},
+    "svit-lag-deterministic": dict(
+        encoder="svit", pooling="mean_patch", conditioning="lag", variational=False
+    ),
+    "vit-lag-agg": dict(pooling="agg", conditioning="lag", variational=False),
+    "vit-lag-none-variational": dict(pooling="none", conditioning="lag"),
+    "unet-film-variational": UNET_ENCODER,
+}
+
+
+@pytest.mark.parametrize("kind", list(LOO_CONFIGS))
 def test_leave_one_out_gradient_and_permutation_invariance(kind, model):
-    if kind == "vit-film-variational":
-        config = CONFIG
-    else:
-        config = dataclasses.replace(
-            CONFIG, encoder="svit", pooling="mean_patch", conditioning="lag", variational=False
-        )
-        model = FSDM(config, key=jax.random.key(1))
+    config = dataclasses.replace(CONFIG, **LOO_CONFIGS[kind])
+    if kind != "vit-film-variational":
+        # the UNet encoder's output map starts at zero: perturb it so that the images reach c
+        model = perturb_zeros(FSDM(config, key=jax.random.key(1)))
     x_set = _random_set(2)
     perm = jnp.array([2, 0, 5, 3, 1, 4])
 
@@ -110,7 +127,9 @@ def test_leave_one_out_gradient_and_permutation_invariance(kind, model):
         return grads, eval_c(x_set), eval_c(x_perm), model.encoder(x_set[1:])
 
     grads, c, c_perm, direct = run(model, x_set, x_set[perm], jax.random.key(3))
-    c_shape = (NS, CONFIG.hdim) if config.conditioning == "film" else (NS, 16, CONFIG.hdim)
+    p = 16  # 4 x 4 patch positions
+    tokens = {"mean_patch": p, "agg": 1 + p, "none": 1 + (NS - 1) * p}.get(config.pooling)
+    c_shape = (NS, CONFIG.hdim) if tokens is None else (NS, tokens, CONFIG.hdim)
     assert c.shape == c_shape and c.dtype == jnp.float32
     for grad in grads:
         grad = np.asarray(grad)
@@ -119,13 +138,15 @@ def test_leave_one_out_gradient_and_permutation_invariance(kind, model):
             for j in range(NS):
                 if j != i:
                     assert np.abs(grad[i, j]).max() > 0.0, f"c_{i} ignores x_{j}"
-    # contexts follow their image under a permutation of the set (for the order-invariant ViT;
-    # the sViT stacks the other images in order, so its contexts change)
+    # contexts follow their image under a permutation of the set (for the order-invariant ViT
+    # and UNet encoder; the sViT stacks the other images in order, and `none` keeps their tokens
+    # in order, so their contexts change)
     follows = np.allclose(np.asarray(c_perm), np.asarray(c)[np.asarray(perm)], atol=1e-5)
-    assert follows == (config.encoder == "vit")
+    assert follows == (config.encoder != "svit" and config.pooling != "none")
     # c_0 is the encoding of the other images (posterior mean when variational)
     if model.posterior is not None:
-        direct = model.posterior(direct)[0]
+        posterior = model.posterior if direct.ndim == 1 else jax.vmap(model.posterior)
+        direct = posterior(direct)[0]
     np.testing.assert_allclose(np.asarray(c[0]), np.asarray(direct), rtol=1e-5, atol=1e-5)
 
 
@@ -273,3 +294,86 @@ def test_timestep_token_loss_and_sampling(schedule):
 
         images = sample(model, _random_set(32, (2, *SHAPE)), jax.random.key(2))
         assert images.shape == (2, *SHAPE) and bool(jnp.all(jnp.isfinite(images)))
+
+
+TINY_DIT = dict(dit_size=None, dit_hidden=32, dit_depth=1, dit_heads=2, dit_patch_size=4)
+NEW_PRESETS = (
+    "vfsddpm_cifar100_vit_lag_agg_sigma",
+    "vfsddpm_cifar100_vit_lag_none_sigma",
+    "vfsddpm_cifar100_vitset_lag_none_sigma",
+    "vfsddpm_cifar100_unet_film_mean_sigma",
+    "vfsddpm_cifar100_unet_film_mean_vi",
+)
+
+
+def _tiny(name, **changes):
+    """A preset's encoder, pooling, conditioning and context, with tiny networks on 16x16 sets
+    of 4."""
+    return dataclasses.replace(
+        model_preset(name),
+        **changes,
+        hdim=32,
+        encoder_depth=1,
+        encoder_heads=2,
+        encoder_head_dim=32,
+        encoder_mlp_dim=64,
+        encoder_patch_size=8,
+        image_size=16,
+        ns=4,
+        unet_model_channels=32,
+        unet_channel_mult=(1, 2),
+        unet_num_res_blocks=1,
+        unet_attention_resolutions=(8,),
+        unet_num_heads=2,
+    )
+
+
+@pytest.mark.parametrize("name", NEW_PRESETS)
+def test_training_step_of_each_reference_run(name, schedule):
+    """A gradient step of the preset's model gives a finite loss and finite gradients that
+    reach the encoder (with a tiny DiT for the preset's UNet, which compiles faster)."""
+    config = _tiny(name, denoiser="dit", **TINY_DIT)
+    model = perturb_zeros(FSDM(config, key=jax.random.key(0)))
+    x_set = _random_set(40, (config.ns, 3, 16, 16))
+
+    @eqx.filter_jit
+    def step(model, x_set, key):
+        def objective(m):
+            out = m.loss(x_set, key=key, diffusion_config=DIFFUSION, schedule=schedule)
+            return out["loss"], out
+
+        return eqx.filter_value_and_grad(objective, has_aux=True)(model)
+
+    (loss, out), grads = step(model, x_set, jax.random.key(1))
+    assert bool(jnp.isfinite(loss))
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+    assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads.encoder)) > 0.0
+    patches = 4  # 2 x 2 patch positions of 8 pixels
+    tokens = {"agg": 2 + patches, "none": 2 + (config.ns - 1) * patches}  # class and time tokens
+    if config.encoder == "svit":
+        tokens["none"] = 2 + patches  # one grid: the set stacked on channels
+    want = (config.ns, config.hdim)
+    if config.pooling in tokens:
+        want = (config.ns, tokens[config.pooling], config.hdim)
+    assert out["context"].shape == want
+    assert (float(out["klc"]) > 0.0) == config.variational
+
+
+def test_none_contexts_grow_with_the_support_and_guidance_uses_one_null_token():
+    """With `none` pooling the context has a token per patch of every support image, at any
+    support size, and classifier-free guidance compares it with a single null token."""
+    config = _tiny("vfsddpm_cifar100_vit_lag_none_sigma")
+    model = perturb_zeros(FSDM(config, key=jax.random.key(0)))
+    assert model.null_context is not None and model.null_context.shape == (1, config.hdim)
+    diffusion_config = dataclasses.replace(DIFFUSION, sampling_steps=2, guidance_scale=2.0)
+    sample = eqx.filter_jit(
+        lambda m, s, k: m.sample(s, 1, key=k, diffusion_config=diffusion_config)
+    )
+    for m in (2, 5):
+        support = _random_set(41, (m, 3, 16, 16))
+        assert model.context(support, jnp.asarray(0.0), inference=True).c.shape == (
+            2 + 4 * m,
+            config.hdim,
+        )
+        images = sample(model, support, jax.random.key(2))
+        assert images.shape == (1, 3, 16, 16) and bool(jnp.all(jnp.isfinite(images)))

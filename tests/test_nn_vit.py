@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fsdm_eqx.nn import ImageTokenEncoder, SetTokenEncoder, SetViTEncoder, ViTSetEncoder
-from fsdm_eqx.nn.layers import patchify
+from fsdm_eqx.nn.layers import patchify, timestep_embedding
 from fsdm_eqx.nn.vit import POOLINGS, encoder_attention_layout, shifted_patch_input
 
 SIZE, CH, PATCH, HDIM = 8, 3, 4, 16
@@ -42,22 +42,71 @@ def x_set():
 
 @pytest.mark.parametrize("kind", ["vit", "svit"])
 def test_pooling_shapes_and_permutation_invariance(kind, x_set):
-    """The ViT is invariant to the order of the set; the sViT, which stacks it, is not."""
+    """The ViT is invariant to the order of the set (`none`, which keeps every image's tokens,
+    permutes them with the images); the sViT, which stacks the set, is not."""
     perm = np.array([2, 0, 1])
+    m, p = x_set.shape[0], (SIZE // PATCH) ** 2
     for pooling in POOLINGS:
         enc = _encoder(kind, pooling)
         out, weights = enc.encode(x_set, inference=True)
-        expected = (HDIM,) if pooling != "mean_patch" else ((SIZE // PATCH) ** 2, HDIM)
-        assert out.shape == expected and out.dtype == jnp.float32
-        groups = x_set.shape[0] if kind == "vit" else 1
-        assert enc.token_groups(x_set.shape[0]) == groups
-        n = 1 + groups * (SIZE // PATCH) ** 2
+        groups = 1 if kind == "svit" or pooling == "agg" else m
+        n = 1 + groups * p  # the class token, then the patch grids the transformer reads
+        expected = {"mean_patch": (p, HDIM), "agg": (n, HDIM), "none": (n, HDIM)}
+        assert out.shape == expected.get(pooling, (HDIM,)) and out.dtype == jnp.float32
+        assert enc.token_groups(m) == groups
         assert weights.shape == (2, 2, n, n)
         permuted = np.asarray(enc(x_set[perm], inference=True))
+        out = np.asarray(out)
+        if kind == "vit" and pooling == "none":
+            out = np.concatenate([out[:1], out[1:].reshape(m, p, HDIM)[perm].reshape(m * p, -1)])
         if kind == "vit":
-            np.testing.assert_allclose(permuted, np.asarray(out), rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(permuted, out, rtol=1e-5, atol=1e-5)
         else:
-            assert not np.allclose(permuted, np.asarray(out), rtol=1e-3, atol=1e-3)
+            assert not np.allclose(permuted, out, rtol=1e-3, atol=1e-3)
+
+
+def _transformer_by_hand(enc, patches, t=None):
+    """The trunk's forward on patch tokens ``(g, p, dim)`` from its parts: class (and timestep)
+    token, positions repeated per grid, the transformer, then LayerNorm + linear on every token."""
+    trunk = enc.trunk
+    special = [trunk.cls_token]
+    if t is not None:
+        special.append(trunk.time_proj(timestep_embedding(t, trunk.time_dim)))
+    k, (g, p, dim) = len(special), patches.shape
+    tokens = jnp.concatenate([jnp.stack(special), patches.reshape(g * p, dim)])
+    tokens = tokens + jnp.concatenate([trunk.position[:k], jnp.tile(trunk.position[k:], (g, 1))])
+    out, _ = trunk.transformer(tokens, inference=True)
+    return jax.vmap(lambda z: trunk.head(trunk.head_norm(z)))(out)
+
+
+@pytest.mark.parametrize("time_token", [False, True])
+def test_agg_is_the_transformer_on_each_positions_mean(x_set, time_token):
+    """`agg`: the transformer reads the mean over the set of each patch position's embedding
+    (not the reference's reshape, which mixes positions); every output token is the context."""
+    enc = _encoder("vit", "agg", time_token=time_token)
+    t = jnp.asarray(7.0) if time_token else None
+    embedded = np.stack([np.asarray(enc.patch_tokens(x[None]))[0] for x in x_set])  # (m, p, dim)
+    mean = jnp.asarray(embedded.mean(axis=0, keepdims=True))
+    expected = np.asarray(_transformer_by_hand(enc, mean, t))
+    out = np.asarray(enc(x_set, t, inference=True))
+    assert out.shape == ((2 if time_token else 1) + (SIZE // PATCH) ** 2, HDIM)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    # as many tokens for any set size
+    assert enc(x_set[:1], t, inference=True).shape == out.shape
+
+
+@pytest.mark.parametrize("time_token", [False, True])
+def test_none_keeps_every_token(x_set, time_token):
+    """`none`: the special tokens and every image's patches, (k + m p) tokens for m images."""
+    enc = _encoder("vit", "none", time_token=time_token)
+    t = jnp.asarray(7.0) if time_token else None
+    k, p = (2 if time_token else 1), (SIZE // PATCH) ** 2
+    for m in (1, 2, 3):
+        assert enc(x_set[:m], t, inference=True).shape == (k + m * p, HDIM)
+    expected = np.asarray(_transformer_by_hand(enc, enc.patch_tokens(x_set), t))
+    np.testing.assert_allclose(
+        np.asarray(enc(x_set, t, inference=True)), expected, rtol=1e-5, atol=1e-5
+    )
 
 
 def test_svit_tokens_stack_the_set_on_channels_as_the_reference():

@@ -8,8 +8,9 @@ reads a configuration back from ``config.json`` or a checkpoint's metadata.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Literal
 
+from .._custom_types import NonNegativeInt, PositiveInt
 from ..config import (
     DataConfig,
     DiffusionConfig,
@@ -17,12 +18,13 @@ from ..config import (
     ModelConfig,
     OptimConfig,
     RunConfig,
+    check_fields,
     check_range,
     model_preset,
     no_type_check,
 )
 
-__all__ = ["PRESETS", "ExperimentConfig", "experiment_config_from_dict"]
+__all__ = ["PRESETS", "ExperimentConfig", "curve_every", "experiment_config_from_dict"]
 
 
 @no_type_check
@@ -42,27 +44,46 @@ class ExperimentConfig:
     """Few-shot evaluation protocol on unseen classes."""
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
     """Run length, directory (re-using it resumes), logging, evaluation and checkpoint intervals."""
-    eval_loss_batches: int = 10
+    eval_loss_batches: PositiveInt = 10
     """Batches of validation-class sets scored by the EMA model's training loss."""
     fid: bool = True
     """Compute few-shot FID/KID/precision/recall on the `eval.eval_split` classes (needs the
     Inception weights: `eval.inception_weights` or a download)."""
+    fid_in_distro: bool = True
+    """Also score the final few-shot FID on training classes (``fid_in_distro``), as the paper
+    reports beside the unseen-class figure."""
+    likelihood: bool = True
+    """Score the bits/dim of `eval.eval_split` images under their leave-one-out contexts at the
+    end (`eval.likelihood_*`), as the paper reports."""
     probe: bool = True
-    """Run the few-shot classification probe on the `eval.eval_split` classes: each query image is
-    given the class whose support-set context is nearest to its own context."""
-    grid_sets: int = 8
+    """Run the few-shot classification probe on the `eval.eval_split` classes at every
+    evaluation and at the end: each query image is given the class whose support-set context is
+    nearest to its own context."""
+    final_checkpoint: Literal["last", "best"] = "last"
+    """The EMA model the final evaluation scores: the last step's, or the best evaluation's
+    (`run_dir/best/`, kept with `run.keep_best`; the last one when there is none)."""
+    grid_sets: PositiveInt = 8
     """Support sets of unseen classes shown in ``samples.png`` (each as a row of support images
     over a row of generated ones), logged as ``generation/set_{i}`` every `run.sample_every`
     steps and as ``fid_eval/example_{i}`` after the FID; as many training sets are logged as
     ``train/support_target_set_{i}``."""
-    visual_sets: int = 2
+    visual_sets: NonNegativeInt = 2
     """Of those sets, how many get the encoder's attention maps, rollout and saliency at every
     evaluation (`run.eval_every`); 0 turns the encoder visuals off."""
+    histogram_paths: NonNegativeInt = 64
+    """At every evaluation, histograms of the gradient and of the optimiser's update of this many
+    parameter paths (evenly spread over the model, on a fixed training batch); 0 turns them off."""
 
     def __post_init__(self) -> None:
-        for name in ("eval_loss_batches", "grid_sets"):
-            check_range(self, name, low=1)
+        check_fields(self)
         check_range(self, "visual_sets", low=0, high=self.grid_sets)
+        fid_every, eval_every = self.run.fid_every, self.run.eval_every
+        if fid_every and (not eval_every or fid_every % eval_every):
+            raise ValueError(
+                f"ExperimentConfig has run.fid_every={fid_every} but run.eval_every={eval_every}; "
+                "the FID curve is computed at evaluations: make fid_every a multiple of "
+                "eval_every, or 0 to turn it off."
+            )
         if self.model.ns != self.data.ns:
             raise ValueError(
                 f"ExperimentConfig has model.ns={self.model.ns} but data.ns={self.data.ns}; the "
@@ -110,6 +131,11 @@ PRESETS: dict[str, ExperimentConfig] = {
             kid_num_subsets=10,
             probe_episodes=2,
             probe_queries_per_class=5,
+            likelihood_sets=2,
+            likelihood_steps=10,
+            likelihood_batch_size=2,
+            curve_sets=2,
+            curve_sampling_steps=10,
         ),
         run=RunConfig(
             run_dir="runs/smoke",
@@ -138,19 +164,44 @@ PRESETS: dict[str, ExperimentConfig] = {
         run=RunConfig(run_dir="runs/mnist", num_steps=100_000, save_every=5000),
     ),
 }
-for _run in ("vfsddpm_cifar100_vit_film_mean_sigma", "vfsddpm_cifar100_vit_lag_meanpatch_sigma"):
+for _run in (
+    "vfsddpm_cifar100_vit_film_mean_sigma",
+    "vfsddpm_cifar100_vit_lag_meanpatch_sigma",
+    "vfsddpm_cifar100_vit_lag_agg_sigma",
+    "vfsddpm_cifar100_vit_lag_none_sigma",
+    "vfsddpm_cifar100_vitset_lag_none_sigma",
+    "vfsddpm_cifar100_unet_film_mean_sigma",
+    "vfsddpm_cifar100_unet_film_mean_vi",
+    "dit-s-cifar100",
+):
     PRESETS[_run] = dataclasses.replace(
         PRESETS["paper-cifar100"],
         model=model_preset(_run),
         run=dataclasses.replace(PRESETS["paper-cifar100"].run, run_dir=f"runs/{_run}"),
     )
+PRESETS["vfsddpm_cifar100_vit_lag_none_sigma"] = dataclasses.replace(
+    PRESETS["vfsddpm_cifar100_vit_lag_none_sigma"],
+    data=dataclasses.replace(PRESETS["paper-cifar100"].data, batch_size=24),  # as the reference
+)
 """Named experiments: `paper-cifar100` (the reference code's configuration: UNet, ViT encoder
 with FiLM on the mean-pooled, deterministic context, learned variance, T = 1000 linear, AdamW at
 1e-4, EMA 0.995, 32 sets of 6 per batch, the paper's FID protocol), the same training under the
 names of the reference runs it reproduces (`vfsddpm_cifar100_vit_film_mean_sigma`, and the best,
-`vfsddpm_cifar100_vit_lag_meanpatch_sigma`: LAG on mean-pooled patch tokens), `omniglot`,
-`mnist`, and `smoke` (tiny networks and a tiny evaluation that run the whole path in minutes on
+`vfsddpm_cifar100_vit_lag_meanpatch_sigma`: LAG on mean-pooled patch tokens), the reference's
+other CIFAR-100 runs with the model presets of their names (`..._vit_lag_agg_sigma`,
+`..._vit_lag_none_sigma` with 24 sets per batch, `..._vitset_lag_none_sigma`,
+`..._unet_film_mean_sigma`, `..._unet_film_mean_vi`), `dit-s-cifar100` (the paper's training
+with the DiT-S/2 denoiser, the preset `experiments/sweep.yaml` tunes), `omniglot`, `mnist`, and
+`smoke` (tiny networks and a tiny evaluation that run the whole path in minutes on
 a CPU)."""
+
+
+def curve_every(config: ExperimentConfig) -> int:
+    """Steps between two points of the FID curve during training; 0 when there is none."""
+    if not config.fid or not config.run.eval_every:
+        return 0
+    every = config.run.fid_every
+    return config.run.eval_every if every is None else every
 
 
 def _as_tuples(value: Any) -> Any:

@@ -1,7 +1,10 @@
-"""Evaluation of a few-shot run: the inputs fixed for the whole run and the final evaluation.
+"""Evaluation of a few-shot run: the inputs fixed for the whole run, the evaluations during
+training and the final one.
 
 `evaluate` scores the EMA model at the end of training: its loss on validation classes, the grid
-``samples.png``, the few-shot FID protocol and the classification probe on unseen classes; the
+``samples.png``, the few-shot FID protocol on unseen classes (and on training classes), the
+bits/dim of unseen-class images and the classification probe. During training `fid_curve_fn`
+gives a cheap FID on fixed sets and `probe_views` the probe's figures at every evaluation. The
 helpers fix the support sets, training sets and validation batches once, so that every
 evaluation of a run sees the same ones, and compile the generation and loss once.
 """
@@ -21,12 +24,14 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Integer, PRNGKeyArray, Shaped, UInt8
 
-from ..config import DiffusionConfig
+from ..config import DiffusionConfig, EvalConfig
+from ..data.download import default_cache_dir
 from ..data.pipeline import make_sampler
 from ..data.pixels import to_float, to_uint8
 from ..instrument import Sink, fid_eval_figure
 from ..instrument.figures import samples_figure, write_png
-from ..metrics.fewshot import draw_support_sets, fewshot_fid
+from ..metrics.fewshot import FewShotFIDResult, draw_support_sets, fewshot_fid
+from ..metrics.likelihood import fewshot_likelihood
 from ..metrics.probe import fewshot_probe
 from ..nn.fsdm import FSDM, count_parameters
 from ..train import fsdm_loss_fn
@@ -34,18 +39,27 @@ from .config import ExperimentConfig
 
 __all__ = [
     "FID_METRICS",
+    "LIKELIHOOD_METRICS",
     "SUMMARY_METRICS",
+    "EvalData",
     "eval_loss_fn",
     "evaluate",
+    "fid_curve_fn",
+    "fid_scores",
     "fixed_examples",
     "fixed_train_sets",
     "generate_sets_fn",
+    "probe_views",
     "summary_table",
 ]
 
 
-FID_METRICS = ("fid", "kid_mean", "kid_std", "precision", "recall")
-"""The figures of the few-shot protocol, under the same names in ``metrics.json`` and the sinks."""
+FID_METRICS = ("fid", "kid_mean", "kid_std", "precision", "recall", "diversity", "diversity_real")
+"""The figures of the few-shot protocol, under the same names in ``metrics.json`` and the sinks
+(with ``_in_distro`` appended for training classes)."""
+
+LIKELIHOOD_METRICS = ("bpd", "bpd_sem", "prior_bpd", "decoder_bpd")
+"""The bits/dim figures, logged as ``likelihood/<name>``."""
 
 SUMMARY_METRICS = (
     ("step", "steps trained"),
@@ -57,7 +71,11 @@ SUMMARY_METRICS = (
     ("kid_std", "KID (std)"),
     ("precision", "precision"),
     ("recall", "recall"),
+    ("diversity", "sample diversity (Inception distance within a set)"),
+    ("diversity_real", "real diversity (the same, real images of a set)"),
     ("fid_seconds", "FID evaluation time (s)"),
+    ("fid_in_distro", "few-shot FID, training classes"),
+    ("likelihood/bpd", "bits/dim, unseen classes (leave-one-out context)"),
     ("probe_accuracy", "few-shot probe accuracy"),
     ("probe_top5_accuracy", "few-shot probe top-5 accuracy"),
 )
@@ -74,6 +92,148 @@ def summary_table(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+@dataclasses.dataclass(frozen=True)
+class EvalData:
+    """The real images of one group of classes: uint8 images, their labels, the classes, their
+    names (indexed by label) and whether training saw them."""
+
+    images: UInt8[np.ndarray, "n c h w"]
+    labels: Integer[np.ndarray, " n"]
+    classes: Sequence[int]
+    class_names: Sequence[str]
+    seen_in_training: bool
+
+    @property
+    def tag(self) -> str:
+        """The suffix of this group's metric names: none for unseen classes, ``_in_distro``."""
+        return "_in_distro" if self.seen_in_training else ""
+
+
+def reference_cache_dir(config: ExperimentConfig) -> Path:
+    """Where the reference statistics of real images are kept: beside the dataset cache."""
+    return default_cache_dir(config.data.cache_dir) / "reference_statistics"
+
+
+def _fid(
+    config: ExperimentConfig,
+    ema: FSDM,
+    data: EvalData,
+    eval_config: EvalConfig,
+    sample_config: DiffusionConfig,
+) -> FewShotFIDResult:
+    """The few-shot protocol of ``eval_config`` on ``data`` for the EMA model."""
+    sample_config = dataclasses.replace(
+        sample_config,
+        sampler=eval_config.sampler,
+        sampling_steps=min(eval_config.sampling_steps, sample_config.num_steps),
+    )
+
+    def generate_one(s: Float[Array, "m c h w"], key: PRNGKeyArray) -> Float[Array, "k c h w"]:
+        return ema.sample(s, eval_config.samples_per_set, key=key, diffusion_config=sample_config)
+
+    split = "train" if data.seen_in_training else config.eval.eval_split
+    return fewshot_fid(
+        generate_one,
+        data.images,
+        data.labels,
+        seen_in_training=data.seen_in_training,
+        config=eval_config,
+        classes=data.classes,
+        reference_cache=reference_cache_dir(config),
+        reference_tag=f"{config.data.dataset}-{split}",
+    )
+
+
+def fid_scores(result: FewShotFIDResult, data: EvalData) -> dict[str, float]:
+    """The `FID_METRICS` and each class's FID (``fid/<class name>``) of one result, named for
+    its group of classes (`EvalData.tag`)."""
+    scores = {f"{name}{data.tag}": float(getattr(result, name)) for name in FID_METRICS}
+    per_class = {f"fid{data.tag}/{data.class_names[c]}": v for c, v in result.fid_per_class.items()}
+    return scores | per_class
+
+
+def fid_curve_fn(
+    config: ExperimentConfig, data: EvalData, sample_config: DiffusionConfig
+) -> Callable[[FSDM], dict[str, float]]:
+    """``ema -> scores``: the cheap FID of the curve during training, on the same
+    `EvalConfig.curve_sets` support sets every time, with `fid_seconds`, its cost per call."""
+    curve = dataclasses.replace(
+        config.eval,
+        num_sets=config.eval.curve_sets,
+        sampler=config.eval.curve_sampler,
+        sampling_steps=config.eval.curve_sampling_steps,
+    )
+
+    def scores(ema: FSDM) -> dict[str, float]:
+        t0 = time.perf_counter()
+        result = fid_scores(_fid(config, ema, data, curve, sample_config), data)
+        return result | {"fid_seconds": time.perf_counter() - t0}
+
+    return scores
+
+
+def probe_views(
+    config: ExperimentConfig, ema: FSDM, data: EvalData, sink: Sink, step: int
+) -> dict[str, float]:
+    """The few-shot probe on ``data``'s classes: top-1 and top-5 accuracy and each class's
+    accuracy (``Val/per_class_accuracy/<class name>``) returned, the confusion matrix logged to
+    ``sink`` as ``Val/confusion_matrix``."""
+
+    def embed(x_set: Float[Array, "m c h w"]) -> Array:
+        # An encoder with a timestep token is read at t = 0, the clean images.
+        t = jnp.zeros(()) if config.model.encoder_time_token else None
+        c = ema.context(x_set, t, inference=True).c
+        # `none` pooling gives a token per patch of every image: compare their means, since a
+        # one-image query and a support set have different numbers of tokens.
+        return c.mean(axis=0) if config.model.pooling == "none" else c
+
+    probe = fewshot_probe(
+        embed,
+        data.images,
+        data.labels,
+        classes=data.classes,
+        ns=config.eval.ns,
+        num_episodes=config.eval.probe_episodes,
+        queries_per_class=config.eval.probe_queries_per_class,
+        seed=config.eval.seed,
+    )
+    names = [data.class_names[c] for c in probe.classes]
+    sink.log_confusion_matrix("Val/confusion_matrix", names, probe.confusion, step)
+    per_class = {
+        f"Val/per_class_accuracy/{data.class_names[c]}": v
+        for c, v in probe.per_class_accuracy.items()
+    }
+    return {"probe_accuracy": probe.accuracy, "probe_top5_accuracy": probe.top5_accuracy} | (
+        per_class
+    )
+
+
+def _likelihood(
+    config: ExperimentConfig, ema: FSDM, data: EvalData, diffusion: DiffusionConfig
+) -> dict[str, float]:
+    """Bits/dim of ``data``'s images, each under its leave-one-out context (`LIKELIHOOD_METRICS`
+    as ``likelihood/<name>``)."""
+    time_token = config.model.encoder_time_token
+
+    def condition(context_set: Float[Array, "m c h w"]) -> Callable[[Array, Array], Array]:
+        def model_fn(x_t: Float[Array, "c h w"], t: Float[Array, ""]) -> Array:
+            c = ema.context(context_set, t if time_token else None, inference=True).c
+            return ema.denoiser(x_t, t, c, inference=True).astype(x_t.dtype)
+
+        return model_fn
+
+    result = fewshot_likelihood(
+        condition,
+        data.images,
+        data.labels,
+        diffusion=diffusion,
+        config=config.eval,
+        classes=data.classes,
+        seen_in_training=data.seen_in_training,
+    )
+    return {f"likelihood/{name}": float(getattr(result, name)) for name in LIKELIHOOD_METRICS}
+
+
 def evaluate(
     config: ExperimentConfig,
     state: Any,
@@ -84,12 +244,13 @@ def evaluate(
     eval_loss: Callable[[FSDM], float],
     examples: tuple[np.ndarray, np.ndarray, np.ndarray],
     generate: Callable[[FSDM], np.ndarray],
-    eval_data: tuple[np.ndarray, np.ndarray, Sequence[int]],
-    class_names: Sequence[str],
+    unseen: EvalData,
+    seen: EvalData,
     sample_config: DiffusionConfig,
     sink: Sink,
 ) -> dict[str, Any]:
-    """The final evaluation of the EMA model: loss, sample grid, few-shot FID, the probe."""
+    """The final evaluation of the EMA model: loss, sample grid, few-shot FID on unseen classes
+    (``unseen``) and on training classes (``seen``), bits/dim and the probe."""
     run_dir = Path(config.run.run_dir)
     step = int(state.step)
     ema = eqx.nn.inference_mode(state.ema)
@@ -106,32 +267,14 @@ def evaluate(
     results["samples_png"] = str(run_dir / "samples.png")
     sink.log_images({"samples/grid": grid}, step)
 
-    images, labels, classes = eval_data
     if config.fid:
         t1 = time.perf_counter()
-
-        def generate_one(s: Float[Array, "m c h w"], key: PRNGKeyArray) -> Float[Array, "k c h w"]:
-            return ema.sample(
-                s, config.eval.samples_per_set, key=key, diffusion_config=sample_config
-            )
-
-        fid = fewshot_fid(
-            generate_one,
-            images,
-            labels,
-            seen_in_training=config.eval.eval_split == "train",
-            config=config.eval,
-            classes=classes,
-        )
-        # One name per figure: metrics.json, the sinks and the summary use the same keys.
-        scores = {name: float(getattr(fid, name)) for name in FID_METRICS}
-        results |= scores
+        fid = _fid(config, ema, unseen, config.eval, sample_config)
+        scores = fid_scores(fid, unseen)
+        results |= {name: scores[name] for name in FID_METRICS}
         results["fid_detail"] = fid.to_dict()
         results["fid_seconds"] = time.perf_counter() - t1
-        sink.log(
-            {**scores, **{f"fid/{class_names[c]}": v for c, v in fid.fid_per_class.items()}},
-            step,
-        )
+        sink.log(scores, step)
         sink.log_images(
             {
                 f"fid_eval/example_{i}": fid_eval_figure(s, g, r)
@@ -139,28 +282,20 @@ def evaluate(
             },
             step,
         )
+        if config.fid_in_distro:
+            fid = _fid(config, ema, seen, config.eval, sample_config)
+            scores = fid_scores(fid, seen)
+            results |= {f"{name}{seen.tag}": scores[f"{name}{seen.tag}"] for name in FID_METRICS}
+            results["fid_in_distro_detail"] = fid.to_dict()
+            sink.log(scores, step)
+    if config.likelihood:
+        scores = _likelihood(config, ema, unseen, config.diffusion)
+        results |= scores
+        sink.log(scores, step)
     if config.probe:
-
-        def embed(x_set: Float[Array, "m c h w"]) -> Array:
-            # An encoder with a timestep token is read at t = 0, the clean images.
-            t = jnp.zeros(()) if config.model.encoder_time_token else None
-            return ema.context(x_set, t, inference=True).c
-
-        probe = fewshot_probe(
-            embed,
-            images,
-            labels,
-            classes=classes,
-            ns=config.eval.ns,
-            num_episodes=config.eval.probe_episodes,
-            queries_per_class=config.eval.probe_queries_per_class,
-            seed=config.eval.seed,
-        )
-        results["probe_accuracy"] = probe.accuracy
-        results["probe_top5_accuracy"] = probe.top5_accuracy
-        sink.log(
-            {"probe_accuracy": probe.accuracy, "probe_top5_accuracy": probe.top5_accuracy}, step
-        )
+        scores = probe_views(config, ema, unseen, sink, step)
+        results |= scores
+        sink.log(scores, step)
     final = {name: results[name] for name, _ in SUMMARY_METRICS if name in results}
     sink.log({f"final/{k}": float(v) for k, v in final.items() if k != "step"}, step)
     return results

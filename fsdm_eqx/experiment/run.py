@@ -26,6 +26,7 @@ from ..instrument import (
     make_sink,
     support_target_figure,
 )
+from ..instrument.histograms import path_histograms
 from ..metrics._inception_weights import InceptionWeightsError
 from ..nn.fsdm import FSDM
 from ..train import (
@@ -33,20 +34,30 @@ from ..train import (
     init_train_state,
     make_mesh,
     make_train_step,
+    make_update_probe,
     replicate,
     shard_batch,
     train,
 )
-from ..train.checkpoint import read_checkpoint_metadata, resumable_checkpoint
-from .config import ExperimentConfig
+from ..train.checkpoint import (
+    BEST_DIR,
+    read_checkpoint_metadata,
+    restore_checkpoint,
+    resumable_checkpoint,
+)
+from .config import ExperimentConfig, curve_every
 from .evaluate import (
+    EvalData,
     eval_loss_fn,
     evaluate,
+    fid_curve_fn,
     fixed_examples,
     fixed_train_sets,
     generate_sets_fn,
+    probe_views,
     summary_table,
 )
+from .resume import check_resume_compatible
 
 __all__ = ["run_experiment"]
 
@@ -73,6 +84,12 @@ def run_experiment(config: ExperimentConfig) -> dict[str, Any]:
         )
     run_dir = Path(config.run.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    # The checkpoint `train` resumes from: the newest intact one (damaged ones are named), which
+    # must have been trained with this model and data; checked before config.json is rewritten.
+    last = resumable_checkpoint(run_dir)
+    stored = {} if last is None else read_checkpoint_metadata(last)
+    start = int(stored.get("step", 0))
+    check_resume_compatible(stored.get("experiment", {}), config, anyway=config.run.resume_anyway)
     data, split = load_dataset(config.data)
     metadata = {"experiment": dataclasses.asdict(config), "class_split": split.to_dict()}
     (run_dir / "config.json").write_text(json.dumps(metadata, indent=2, sort_keys=True))
@@ -88,14 +105,10 @@ def run_experiment(config: ExperimentConfig) -> dict[str, Any]:
     sampler = make_sampler(
         config.data, data, split, host_index=jax.process_index(), host_count=jax.process_count()
     )
-    # The checkpoint `train` resumes from: the newest intact one (damaged ones are named).
-    last = resumable_checkpoint(run_dir)
-    start = 0 if last is None else int(read_checkpoint_metadata(last)["step"])
 
-    eval_classes = split.classes(config.eval.eval_split)
-    eval_mask = np.isin(data.labels, eval_classes)
-    eval_images, eval_labels = data.images[eval_mask], data.labels[eval_mask]
-    support, real = fixed_examples(config, eval_images, eval_labels, eval_classes)
+    unseen = _eval_data(data, split.classes(config.eval.eval_split), config.eval.eval_split)
+    seen = _eval_data(data, split.classes("train"), "train")
+    support, real = fixed_examples(config, unseen.images, unseen.labels, unseen.classes)
     train_sets = fixed_train_sets(config, data, split)
     sample_config = dataclasses.replace(
         config.diffusion,
@@ -105,12 +118,20 @@ def run_experiment(config: ExperimentConfig) -> dict[str, Any]:
     generate_sets = generate_sets_fn(config.eval.samples_per_set, sample_config)
     image_keys = jax.random.split(jax.random.PRNGKey(config.eval.seed), config.grid_sets)
     eval_loss = eval_loss_fn(config, data, split, eval_key)
+    fid_every = curve_every(config)
+    fid_curve = fid_curve_fn(config, unseen, config.diffusion) if fid_every else None
     evaluated: dict[int, dict[str, float]] = {}
 
     def eval_fn(state: Any) -> dict[str, float]:
         ema = eqx.nn.inference_mode(state.ema)
-        evaluated[int(state.step)] = {"eval_loss": eval_loss(ema)}
-        return evaluated[int(state.step)]
+        step = int(state.step)
+        results = {"eval_loss": eval_loss(ema)}
+        if fid_curve is not None and step % fid_every == 0:
+            results |= fid_curve(ema)
+        if config.probe:
+            results |= probe_views(config, ema, unseen, sink, step)
+        evaluated[step] = results
+        return results
 
     def images_fn(state: Any) -> dict[str, np.ndarray]:
         ema = eqx.nn.inference_mode(state.ema)
@@ -123,14 +144,26 @@ def run_experiment(config: ExperimentConfig) -> dict[str, Any]:
             images[f"generation/set_{i}"] = generation_figure(s, g)
         return images
 
+    update_probe = make_update_probe(loss_fn, config.optim, mesh=mesh)
+
     def visuals_fn(state: Any) -> Visuals:
-        return collect_visuals(
-            eqx.nn.inference_mode(state.ema),
-            jnp.asarray(support[: config.visual_sets]),
-            layers=sorted({0, config.model.encoder_depth - 1}),
-            heads=(0,),
-            key=jax.random.PRNGKey(config.eval.seed),
-        )
+        visuals = Visuals({}, {}, {})
+        if config.visual_sets:
+            visuals = collect_visuals(
+                eqx.nn.inference_mode(state.ema),
+                jnp.asarray(support[: config.visual_sets]),
+                layers=sorted({0, config.model.encoder_depth - 1}),
+                heads=(0,),
+                key=jax.random.PRNGKey(config.eval.seed),
+            )
+        if config.histogram_paths:
+            # The gradient and update the step would apply on the run's first batch.
+            grads, updates = update_probe(state, shard_batch(sampler.batch(0)[0], mesh))
+            for name, tree in (("grads", grads), ("updates", updates)):
+                visuals.histograms.update(
+                    path_histograms(tree, name, max_paths=config.histogram_paths)
+                )
+        return visuals
 
     sink = make_sink(config.run, name=run_dir.name, config=dataclasses.asdict(config))
     try:
@@ -146,20 +179,25 @@ def run_experiment(config: ExperimentConfig) -> dict[str, Any]:
             place_batch=lambda batch: shard_batch(batch, mesh),
             skip_nonfinite=config.optim.skip_nonfinite,
             images_fn=images_fn,
-            visuals_fn=visuals_fn if config.visual_sets else None,
+            visuals_fn=visuals_fn if config.visual_sets or config.histogram_paths else None,
+            monitor="fid" if fid_every else "eval_loss",
         )
         train_seconds = time.perf_counter() - t0
+        last_step = int(state.step)
+        if config.final_checkpoint == "best":
+            state = _best_state(run_dir, state)
+        state_is_last = int(state.step) == last_step
         results = evaluate(
             config,
             state,
             start=start,
             train_seconds=train_seconds,
-            cached_eval=evaluated.get(int(state.step)),
+            cached_eval=evaluated.get(int(state.step)) if state_is_last else None,
             eval_loss=eval_loss,
             examples=(support, real, train_sets),
             generate=lambda ema: np.asarray(generate_sets(ema, jnp.asarray(support), image_keys)),
-            eval_data=(eval_images, eval_labels, eval_classes),
-            class_names=data.class_names,
+            unseen=unseen,
+            seen=seen,
             sample_config=sample_config,
             sink=sink,
         )
@@ -168,3 +206,27 @@ def run_experiment(config: ExperimentConfig) -> dict[str, Any]:
     (run_dir / "metrics.json").write_text(json.dumps(results, indent=2, sort_keys=True))
     print(summary_table(results), flush=True)
     return results
+
+
+def _eval_data(data: Any, classes: Any, part: str) -> EvalData:
+    """The images of ``classes`` of the dataset, as the evaluations take them."""
+    mask = np.isin(data.labels, classes)
+    return EvalData(
+        images=data.images[mask],
+        labels=data.labels[mask],
+        classes=tuple(int(c) for c in classes),
+        class_names=data.class_names,
+        seen_in_training=part == "train",
+    )
+
+
+def _best_state(run_dir: Path, state: Any) -> Any:
+    """The training state of the best evaluation (``run_dir/best/``), or ``state`` when the run
+    kept none."""
+    best = resumable_checkpoint(run_dir / BEST_DIR)
+    if best is None:
+        print(f"No best checkpoint in {run_dir / BEST_DIR}; evaluating the last one.")
+        return state
+    restored, _ = restore_checkpoint(best, state)
+    print(f"Evaluating the best checkpoint, {best}.")
+    return restored

@@ -360,28 +360,33 @@ def collect_visuals(
     `encoder/rollout_set{i}`, `encoder/saliency_set{i}` (each: the set's images above their
     maps) and `encoder/position_similarity`; histograms `params/<subtree>` (and
     `grads/<subtree>`); scalars `encoder/block{l}/...` from `activation_stats`, over all sets.
+    An encoder without attention (`UNetSetEncoder`) gets the saliency maps and histograms only.
     """
     _check_model_images(model, fixed_sets, "fixed_sets", "b m")
-    encoder = model.encoder
-    chosen_layers = _check_indices(layers, _depth(encoder), "layers")
-    chosen_heads = _check_indices(heads, _num_heads(encoder), "heads")
     if t is None and model.time_token:
         t = 0.0
-    views = _encoder_views(encoder, fixed_sets, _timestep(t))
     saliency = _saliency_maps(model, fixed_sets, t, key)
+    sets = np.asarray(fixed_sets)
+    images = {
+        f"encoder/saliency_set{i}": maps_figure(x_set, saliency[i], cmap="magma")
+        for i, x_set in enumerate(sets)
+    }
+    histograms = parameter_histograms(model, "params", max_values=max_histogram_values)
+    if grads is not None:
+        histograms |= parameter_histograms(grads, "grads", max_values=max_histogram_values)
+    encoder = model.encoder
+    if not isinstance(encoder, AbstractSetEncoder):
+        return Visuals(images, histograms, {})  # no attention to draw (the UNet encoder)
+    chosen_layers = _check_indices(layers, _depth(encoder), "layers")
+    chosen_heads = _check_indices(heads, _num_heads(encoder), "heads")
+    views = _encoder_views(encoder, fixed_sets, _timestep(t))
     rollout = np.asarray(views["rollout"])
     attention = np.asarray(views["attention"])
-    sets = np.asarray(fixed_sets)
-    images: dict[str, np.ndarray] = {}
     for i, x_set in enumerate(sets):
         for layer in chosen_layers:
             for head in chosen_heads:
                 name = f"encoder/attention_layer{layer}_head{head}_set{i}"
                 images[name] = maps_figure(x_set, attention[i, layer, head])
         images[f"encoder/rollout_set{i}"] = maps_figure(x_set, rollout[i])
-        images[f"encoder/saliency_set{i}"] = maps_figure(x_set, saliency[i], cmap="magma")
     images["encoder/position_similarity"] = position_similarity_image(encoder)
-    histograms = parameter_histograms(model, "params", max_values=max_histogram_values)
-    if grads is not None:
-        histograms |= parameter_histograms(grads, "grads", max_values=max_histogram_values)
     return Visuals(images, histograms, _branch_scalars(views))

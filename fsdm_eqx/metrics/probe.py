@@ -135,7 +135,9 @@ def nearest_context_classify(
     if queries.shape[1] != centres.shape[1]:
         raise ValueError(
             f"query contexts have {queries.shape[1]} values and class contexts "
-            f"{centres.shape[1]}; embed both with the same encoder."
+            f"{centres.shape[1]}; embed both with the same encoder, into contexts whose size "
+            "does not depend on the set size (pooling='none' gives one token per image: pool "
+            "its tokens in `embed`)."
         )
     truth = np.asarray(query_classes, dtype=np.int64)
     k = centres.shape[0]

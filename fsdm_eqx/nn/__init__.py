@@ -14,6 +14,7 @@ from .dit import (
     DiTBlock as DiTBlock,
     sincos_position_embedding as sincos_position_embedding,
 )
+from .encoder import AbstractEncoder as AbstractEncoder
 from .fsdm import (
     FSDM as FSDM,
     SetContext as SetContext,
@@ -28,7 +29,7 @@ from .posterior import (
     gaussian_kl as gaussian_kl,
     reparameterize as reparameterize,
 )
-from .unet import UNet as UNet
+from .unet import UNet as UNet, UNetSetEncoder as UNetSetEncoder
 from .vit import (
     AbstractSetEncoder as AbstractSetEncoder,
     ImageTokenEncoder as ImageTokenEncoder,

@@ -339,7 +339,7 @@ class DiT(AbstractDenoiser):
         if context.ndim != 2:
             raise ValueError(
                 f"LAG conditioning takes context tokens, got shape {context.shape}; "
-                "use pooling 'mean_patch'."
+                "use pooling 'mean_patch', 'agg' or 'none'."
             )
         return c, apply_tokens(self.context_proj, context)
 

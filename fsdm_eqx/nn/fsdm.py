@@ -32,17 +32,18 @@ from ..config import DiffusionConfig, ModelConfig
 from ..diffusion import Schedule
 from .denoiser import AbstractDenoiser, maybe_checkpoint, weights_dtype
 from .dit import DiT
+from .encoder import AbstractEncoder, Context
 from .layers import split_key
 from .posterior import GaussianPosterior, gaussian_kl, reparameterize
-from .unet import UNet
-from .vit import AbstractSetEncoder, Context, ImageTokenEncoder, SetTokenEncoder
+from .unet import UNet, UNetSetEncoder
+from .vit import ImageTokenEncoder, SetTokenEncoder
 
 
 class SetContext(NamedTuple):
     """A context and, for a variational model, the posterior it was drawn from."""
 
     c: Array
-    """The context the denoiser sees: `(hdim,)` or `(patches, hdim)`, with a leading `ns` axis
+    """The context the denoiser sees: `(hdim,)` or tokens `(n, hdim)`, with a leading `ns` axis
     for leave-one-out contexts."""
     mu: Array | None
     """The posterior mean (None for a deterministic context)."""
@@ -56,8 +57,21 @@ def leave_one_out_indices(ns: int) -> np.ndarray:
     return cols + (cols >= np.arange(ns)[:, None])
 
 
-def build_encoder(config: ModelConfig, *, key: PRNGKeyArray) -> AbstractSetEncoder:
+def build_encoder(config: ModelConfig, *, key: PRNGKeyArray) -> AbstractEncoder:
     """The set encoder `config` describes."""
+    if config.encoder == "unet":
+        return UNetSetEncoder(
+            image_size=config.image_size,
+            channels=config.channels,
+            model_channels=config.unet_model_channels,
+            channel_mult=config.unet_channel_mult,
+            num_res_blocks=config.unet_num_res_blocks,
+            attention_resolutions=config.unet_attention_resolutions,
+            head_channels=config.encoder_head_dim,
+            hdim=config.hdim,
+            dropout=config.encoder_dropout,
+            key=key,
+        )
     if config.encoder == "vit":
         encoder = ImageTokenEncoder
     else:
@@ -77,6 +91,24 @@ def build_encoder(config: ModelConfig, *, key: PRNGKeyArray) -> AbstractSetEncod
         time_token=config.encoder_time_token,
         key=key,
     )
+
+
+def null_context_shape(config: ModelConfig) -> tuple[int, ...]:
+    """The shape of the learned null context of classifier-free guidance.
+
+    The shape of the contexts, except for `none` pooling, whose number of tokens depends on the
+    set size: its null context is one token, which the loss broadcasts to the contexts' tokens
+    (cross-attention to copies of one token is attention to that token) and the sampler gives
+    the denoiser as it is.
+    """
+    patches = (config.image_size // config.encoder_patch_size) ** 2
+    special = 2 if config.encoder_time_token else 1
+    shapes: dict[str, tuple[int, ...]] = {
+        "mean_patch": (patches, config.hdim),
+        "agg": (special + patches, config.hdim),
+        "none": (1, config.hdim),
+    }
+    return shapes.get(config.pooling, (config.hdim,))
 
 
 def build_denoiser(config: ModelConfig, *, key: PRNGKeyArray) -> AbstractDenoiser:
@@ -117,7 +149,7 @@ def build_denoiser(config: ModelConfig, *, key: PRNGKeyArray) -> AbstractDenoise
 class FSDM(eqx.Module):
     """Few-shot diffusion model: ``encoder`` -> optional ``posterior`` -> ``denoiser``."""
 
-    encoder: AbstractSetEncoder
+    encoder: AbstractEncoder
     posterior: GaussianPosterior | None
     denoiser: AbstractDenoiser
     null_context: Array | None
@@ -142,12 +174,9 @@ class FSDM(eqx.Module):
             GaussianPosterior(config.hdim, key=post_key) if config.variational else None
         )
         self.denoiser = build_denoiser(config, key=den_key)
-        if config.null_context_prob > 0:
-            tokens = (config.image_size // config.encoder_patch_size) ** 2
-            shape = (tokens, config.hdim) if config.pooling == "mean_patch" else (config.hdim,)
-            self.null_context = jnp.zeros(shape)
-        else:
-            self.null_context = None
+        self.null_context = (
+            jnp.zeros(null_context_shape(config)) if config.null_context_prob > 0 else None
+        )
         self.null_context_prob = config.null_context_prob
         self.inference = False
         self.image_shape = (config.channels, config.image_size, config.image_size)
@@ -202,7 +231,7 @@ class FSDM(eqx.Module):
         enc_key, post_key = split_key(key, 2)
 
         def encode(
-            encoder: AbstractSetEncoder,
+            encoder: AbstractEncoder,
             x: Float[Array, "m c h w"],
             t: Float[Array, ""] | None,
             k: PRNGKeyArray | None,

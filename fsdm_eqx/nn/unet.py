@@ -1,4 +1,5 @@
-"""The guided-diffusion UNet denoiser of the FSDM paper, conditioned by FiLM or by cross-attention.
+"""The guided-diffusion UNet denoiser of the FSDM paper, conditioned by FiLM or by cross-attention,
+and the paper's image-level set encoder built from the UNet's downsampling half.
 
 This is the network of the reference implementation of "Few-Shot Diffusion Models" (Giannone,
 Nielsen & Winther 2022), itself the UNet of improved DDPM / guided diffusion (Nichol & Dhariwal)
@@ -15,12 +16,16 @@ with a set context added:
 Every residual branch, every attention output projection and the output convolution are
 initialised to zero, so at initialisation each block is the identity on its skip path and the
 network outputs exactly zero.
+
+`UNetSetEncoder` reuses the same blocks, without time or context conditioning, to encode each
+image of a set into a vector; the set's context is the mean of its images' vectors.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Annotated, TypeVar
+from collections.abc import Callable
+from typing import Annotated, NamedTuple, TypeVar
 
 import equinox as eqx
 import jax
@@ -37,6 +42,7 @@ from .._custom_types import (
 from ..config import check_arguments
 from .conv import Conv2d
 from .denoiser import AbstractDenoiser, maybe_checkpoint, rms
+from .encoder import AbstractEncoder
 from .layers import apply_tokens, timestep_embedding
 
 _Layer = TypeVar("_Layer", eqx.nn.Linear, Conv2d)
@@ -77,11 +83,15 @@ def _attention(
 
 
 class _ResBlock(eqx.Module):
-    """GroupNorm -> SiLU -> conv3x3, FiLM from the conditioning vector, dropout, zero conv3x3."""
+    """GroupNorm -> SiLU -> conv3x3, FiLM from the conditioning vector, dropout, zero conv3x3.
+
+    With ``cond_dim=0`` the block has no FiLM layer and takes no conditioning vector (the set
+    encoder's blocks).
+    """
 
     in_norm: eqx.nn.GroupNorm
     in_conv: Conv2d
-    film: eqx.nn.Linear
+    film: eqx.nn.Linear | None
     out_norm: eqx.nn.GroupNorm
     dropout: eqx.nn.Dropout
     out_conv: Conv2d
@@ -93,7 +103,7 @@ class _ResBlock(eqx.Module):
         k1, k2, k3, k4 = jax.random.split(key, 4)
         self.in_norm = eqx.nn.GroupNorm(_GROUPS, in_ch)
         self.in_conv = Conv2d(in_ch, out_ch, 3, padding=1, key=k1)
-        self.film = eqx.nn.Linear(cond_dim, 2 * out_ch, key=k2)
+        self.film = eqx.nn.Linear(cond_dim, 2 * out_ch, key=k2) if cond_dim else None
         self.out_norm = eqx.nn.GroupNorm(_GROUPS, out_ch)
         self.dropout = eqx.nn.Dropout(dropout)
         self.out_conv = _zero(Conv2d(out_ch, out_ch, 3, padding=1, key=k3))
@@ -103,20 +113,25 @@ class _ResBlock(eqx.Module):
         self, cond: Float[Array, " e"]
     ) -> tuple[Float[Array, " c_out"], Float[Array, " c_out"]]:
         """The FiLM scale and shift for the conditioning vector ``cond``."""
+        if self.film is None:
+            raise ValueError("this residual block was built without FiLM (cond_dim=0).")
         scale, shift = jnp.split(self.film(jax.nn.silu(cond)), 2)
         return scale, shift
 
     def __call__(
         self,
         x: Float[Array, "h w c"],
-        cond: Float[Array, " e"],
+        cond: Float[Array, " e"] | None,
         *,
         key: PRNGKeyArray | None,
         inference: bool | None,
     ) -> Float[Array, "h w c_out"]:
-        h = self.in_conv.channels_last(jax.nn.silu(_norm(self.in_norm, x)))
-        scale, shift = self.film_vectors(cond)
-        h = _norm(self.out_norm, h) * (1 + scale[None, None]) + shift[None, None]
+        h = _norm(self.out_norm, self.in_conv.channels_last(jax.nn.silu(_norm(self.in_norm, x))))
+        if self.film is not None:
+            if cond is None:
+                raise ValueError("this residual block has FiLM: pass its conditioning vector.")
+            scale, shift = self.film_vectors(cond)
+            h = h * (1 + scale[None, None]) + shift[None, None]
         h = self.dropout(jax.nn.silu(h), key=key, inference=inference)
         h = self.out_conv.channels_last(h)
         skip = x if self.skip is None else self.skip.channels_last(x)
@@ -226,7 +241,7 @@ _Attention = _SelfAttention | _SpatialTransformer
 def _attend(
     attn: _Attention | None,
     h: Float[Array, "h w c"],
-    context: Float[Array, "*n d"],
+    context: Float[Array, "*n d"] | None,
     remat: bool = False,
 ) -> Float[Array, "h w c"]:
     if attn is None:
@@ -235,17 +250,19 @@ def _attend(
 
 
 def _run_attention(
-    attn: _Attention, h: Float[Array, "h w c"], context: Float[Array, "*n d"]
+    attn: _Attention, h: Float[Array, "h w c"], context: Float[Array, "*n d"] | None
 ) -> Float[Array, "h w c"]:
     if isinstance(attn, _SelfAttention):
         return attn(h)
+    if context is None:
+        raise ValueError("a LAG attention block attends to context tokens: pass them.")
     return attn(h, context)
 
 
 def _run_res(
     block: _ResBlock,
     x: Float[Array, "h w c"],
-    cond: Float[Array, " e"],
+    cond: Float[Array, " e"] | None,
     key: PRNGKeyArray | None,
     inference: bool | None,
     remat: bool,
@@ -255,7 +272,7 @@ def _run_res(
     def run(
         block: _ResBlock,
         x: Float[Array, "h w c"],
-        cond: Float[Array, " e"],
+        cond: Float[Array, " e"] | None,
         key: PRNGKeyArray | None,
     ) -> Float[Array, "h w c_out"]:
         return block(x, cond, key=key, inference=inference)
@@ -297,8 +314,8 @@ class _Stage(eqx.Module):
     def __call__(
         self,
         x: Float[Array, "h w c"],
-        cond: Float[Array, " e"],
-        context: Float[Array, "*n d"],
+        cond: Float[Array, " e"] | None,
+        context: Float[Array, "*n d"] | None,
         *,
         key: PRNGKeyArray | None,
         inference: bool | None,
@@ -307,6 +324,110 @@ class _Stage(eqx.Module):
         h = _run_res(self.res, x, cond, key, inference, remat)
         h = _attend(self.attn, h, context, remat)
         return h if self.upsample is None else self.upsample(h)
+
+
+class _Levels(NamedTuple):
+    """Where a UNet's levels sit, from its configuration."""
+
+    pad: int
+    """Pixels of zero padding that make the image side a multiple of ``2 ** (levels - 1)``."""
+    attends: tuple[bool, ...]
+    """Whether each level's residual blocks are followed by attention."""
+    attention_channels: tuple[int, ...]
+    """Channels of every attention block's level, the middle block's included."""
+
+
+def _levels(
+    owner: str,
+    model_channels: int,
+    channel_mult: tuple[int, ...],
+    image_size: int,
+    attention_resolutions: tuple[int, ...],
+) -> _Levels:
+    """Check a UNet configuration's channels and attention sides; raises one `ValueError` that
+    names ``owner``."""
+    bad = [model_channels * m for m in channel_mult if (model_channels * m) % _GROUPS]
+    if bad:
+        raise ValueError(
+            f"{owner} channels {bad} (model_channels * channel_mult) are not multiples of "
+            f"{_GROUPS}, the GroupNorm group count; choose model_channels a multiple of "
+            f"{_GROUPS}."
+        )
+    levels = len(channel_mult)
+    factor = 2 ** (levels - 1)
+    padded = -(-image_size // factor) * factor
+    sides = [padded // 2**i for i in range(levels)]
+    unknown = [r for r in attention_resolutions if r not in sides]
+    if unknown:
+        raise ValueError(
+            f"{owner}.attention_resolutions={attention_resolutions!r}: {unknown} are not "
+            f"feature-map sides of this {owner}; choose among {sides}."
+        )
+    attends = tuple(side in attention_resolutions for side in sides)
+    channels = [model_channels * m for m, a in zip(channel_mult, attends, strict=True) if a]
+    return _Levels(padded - image_size, attends, (*channels, model_channels * channel_mult[-1]))
+
+
+def _down_path(
+    ch: int,
+    model_channels: int,
+    channel_mult: tuple[int, ...],
+    num_res_blocks: int,
+    attends: tuple[bool, ...],
+    *,
+    res: Callable[[int, int], _ResBlock],
+    attn: Callable[[int], _Attention],
+    downsample: Callable[[int], _Downsample],
+) -> tuple[tuple[_Stage | _Downsample, ...], list[int]]:
+    """The downsampling half of a UNet from ``ch`` input channels: per level, ``num_res_blocks``
+    residual blocks (each followed by attention where the level attends), then a downsampling
+    between levels. The factories build (and draw keys for) the blocks in that order.
+
+    **Returns:** the blocks and the channels after each of them (the UNet's skip channels).
+    """
+    blocks: list[_Stage | _Downsample] = []
+    channels: list[int] = []
+    for level, mult in enumerate(channel_mult):
+        for _ in range(num_res_blocks):
+            out = model_channels * mult
+            blocks.append(_Stage(res(ch, out), attn(out) if attends[level] else None, None))
+            ch = out
+            channels.append(ch)
+        if level != len(channel_mult) - 1:
+            blocks.append(downsample(ch))
+            channels.append(ch)
+    return tuple(blocks), channels
+
+
+def _run_down(
+    blocks: tuple[_Stage | _Downsample, ...],
+    h: Float[Array, "h w c"],
+    cond: Float[Array, " e"] | None,
+    context: Float[Array, "*n d"] | None,
+    keys: list[PRNGKeyArray] | list[None],
+    inference: bool | None,
+    remat: bool,
+) -> list[Array]:
+    """Run the downsampling half, taking one dropout key from the end of ``keys`` per residual
+    stage; returns the output of every block."""
+    outs: list[Array] = []
+    for block in blocks:
+        if isinstance(block, _Stage):
+            h = block(h, cond, context, key=keys.pop(), inference=inference, remat=remat)
+        else:
+            h = block(h)
+        outs.append(h)
+    return outs
+
+
+def _padded_channels_last(
+    x: Float[Array, "c h w"], pad: int, dtype: jnp.dtype
+) -> Float[Array, "hp wp c"]:
+    """The image channels last in ``dtype``, zero-padded symmetrically by ``pad`` pixels per
+    axis (the extra pixel of an odd ``pad`` after)."""
+    lo, hi = pad // 2, pad - pad // 2
+    x = jnp.moveaxis(x.astype(dtype), 0, -1)
+    return jnp.pad(x, ((lo, hi), (lo, hi), (0, 0))) if pad else x
 
 
 class UNet(AbstractDenoiser):
@@ -392,34 +513,14 @@ class UNet(AbstractDenoiser):
         self.image_size = image_size
         self.conditioning = conditioning
         self.dropout = dropout
-        bad = [model_channels * m for m in channel_mult if (model_channels * m) % _GROUPS]
-        if bad:
-            raise ValueError(
-                f"UNet channels {bad} (model_channels * channel_mult) are not multiples of "
-                f"{_GROUPS}, the GroupNorm group count; choose model_channels a multiple of "
-                f"{_GROUPS}."
-            )
-        levels = len(channel_mult)
-        factor = 2 ** (levels - 1)
-        padded = -(-image_size // factor) * factor
-        self.pad = padded - image_size
-        sides = [padded // 2**i for i in range(levels)]
-        unknown = [r for r in attention_resolutions if r not in sides]
-        if unknown:
-            raise ValueError(
-                f"UNet.attention_resolutions={attention_resolutions!r}: {unknown} are not "
-                f"feature-map sides of this UNet; choose among {sides}."
-            )
-        attn_chans = [
-            model_channels * channel_mult[i]
-            for i in range(levels)
-            if sides[i] in attention_resolutions
-        ] + [model_channels * channel_mult[-1]]
-        if any(c % num_heads for c in attn_chans):
+        geometry = _levels("UNet", model_channels, channel_mult, image_size, attention_resolutions)
+        self.pad = geometry.pad
+        if any(c % num_heads for c in geometry.attention_channels):
             raise ValueError(
                 f"UNet.num_heads={num_heads!r} must divide the channels "
-                f"{sorted(set(attn_chans))} of every attention block."
+                f"{sorted(set(geometry.attention_channels))} of every attention block."
             )
+        levels = len(channel_mult)
 
         time_dim = 4 * model_channels
         cond_dim = time_dim + (context_dim if conditioning == "film" else 0)
@@ -437,19 +538,18 @@ class UNet(AbstractDenoiser):
         self.time_out = eqx.nn.Linear(time_dim, time_dim, key=next(keys))
         ch = model_channels * channel_mult[0]
         self.conv_in = Conv2d(in_channels, ch, 3, padding=1, key=next(keys))
-        skips = [ch]
-        down: list[_Stage | _Downsample] = []
-        for level, mult in enumerate(channel_mult):
-            for _ in range(num_res_blocks):
-                out = model_channels * mult
-                has_attn = sides[level] in attention_resolutions
-                down.append(_Stage(res(ch, out), attn(out) if has_attn else None, None))
-                ch = out
-                skips.append(ch)
-            if level != levels - 1:
-                down.append(_Downsample(ch, key=next(keys)))
-                skips.append(ch)
-        self.down = tuple(down)
+        self.down, down_channels = _down_path(
+            ch,
+            model_channels,
+            channel_mult,
+            num_res_blocks,
+            geometry.attends,
+            res=res,
+            attn=attn,
+            downsample=lambda c: _Downsample(c, key=next(keys)),
+        )
+        skips = [ch, *down_channels]
+        ch = skips[-1]
         self.mid_res1 = res(ch, ch)
         self.mid_attn = attn(ch)
         self.mid_res2 = res(ch, ch)
@@ -457,11 +557,10 @@ class UNet(AbstractDenoiser):
         for level in reversed(range(levels)):
             for i in range(num_res_blocks + 1):
                 out = model_channels * channel_mult[level]
-                has_attn = sides[level] in attention_resolutions
                 block = res(ch + skips.pop(), out)
                 ch = out
                 upsample = _Upsample(ch, key=next(keys)) if level and i == num_res_blocks else None
-                up.append(_Stage(block, attn(ch) if has_attn else None, upsample))
+                up.append(_Stage(block, attn(ch) if geometry.attends[level] else None, upsample))
         self.up = tuple(up)
         self.out_norm = eqx.nn.GroupNorm(_GROUPS, ch)
         self.out_conv = _zero(Conv2d(ch, out_channels, 3, padding=1, key=next(keys)))
@@ -525,17 +624,9 @@ class UNet(AbstractDenoiser):
         cond = self.condition(t, context)
         context = context.astype(self.compute_dtype)
 
-        lo, hi = self.pad // 2, self.pad - self.pad // 2
-        x = jnp.moveaxis(x_t.astype(self.compute_dtype), 0, -1)
-        x = jnp.pad(x, ((lo, hi), (lo, hi), (0, 0))) if self.pad else x
-        h = self.conv_in.channels_last(x)
-        skips = [h]
-        for block in self.down:
-            if isinstance(block, _Stage):
-                h = block(h, cond, context, key=keys.pop(), inference=inference, remat=remat)
-            else:
-                h = block(h)
-            skips.append(h)
+        h = self.conv_in.channels_last(_padded_channels_last(x_t, self.pad, self.compute_dtype))
+        skips = [h, *_run_down(self.down, h, cond, context, keys, inference, remat)]
+        h = skips[-1]
         h = _run_res(self.mid_res1, h, cond, keys.pop(), inference, remat)
         h = _attend(self.mid_attn, h, context, remat)
         h = _run_res(self.mid_res2, h, cond, keys.pop(), inference, remat)
@@ -544,6 +635,7 @@ class UNet(AbstractDenoiser):
             h = block(h, cond, context, key=keys.pop(), inference=inference, remat=remat)
         out = self.out_conv.channels_last(jax.nn.silu(_norm(self.out_norm, h)))
         if self.pad:
+            lo = self.pad // 2
             out = out[lo : lo + self.image_size, lo : lo + self.image_size]
         return jnp.moveaxis(out, -1, 0)
 
@@ -576,3 +668,165 @@ class UNet(AbstractDenoiser):
                 f"UNet has dropout={self.dropout}: pass `key=` for training, or "
                 "`inference=True` to disable dropout."
             )
+
+
+class UNetSetEncoder(AbstractEncoder):
+    """The FSDM paper's image-level set encoder: the UNet's downsampling half and middle block,
+    applied to each image of the set alone, then the mean of the image vectors over the set.
+
+    The network is guided diffusion's ``EncoderUNetModel`` as the reference code of FSDM uses it
+    (``encoder_mode="unet"``): a conv3x3 stem, per level ``num_res_blocks`` residual blocks
+    (attention after them at the listed feature-map sides) and a downsampling between levels,
+    the middle block (residual, attention, residual), then GroupNorm -> SiLU -> global average
+    pool -> a zero-initialised linear map (a 1x1 convolution) to ``hdim``. Its output for a set
+    is the mean over the images, so it reads sets of any size and does not depend on their
+    order. The attention heads are ``head_channels`` wide (the reference's
+    ``num_head_channels=64``).
+
+    Differences from the reference code:
+    - The reference draws a random diffusion timestep for every image at every call, training
+      and sampling alike, and feeds its embedding to every residual block's scale and shift;
+      here the encoder reads no timestep: its residual blocks have no FiLM layer, so the context
+      is a deterministic function of the set.
+    - The reference reads its default ``attention_resolutions=(16, 8)`` as downsampling factors,
+      so for 32x32 images it attends only at the 4x4 level (and in the middle block); here
+      ``attention_resolutions`` are feature-map sides, as for `UNet`.
+    - The reference pools with CLIP-style attention pooling (its default ``pool="attention"``)
+      and downsamples with residual blocks that average-pool; here the pooling is guided
+      diffusion's ``"adaptive"`` global average and the downsampling the denoiser's strided
+      conv3x3.
+    """
+
+    conv_in: Conv2d
+    down: tuple[_Stage | _Downsample, ...]
+    mid_res1: _ResBlock
+    mid_attn: _SelfAttention
+    mid_res2: _ResBlock
+    out_norm: eqx.nn.GroupNorm
+    out_proj: eqx.nn.Linear
+    image_size: int = eqx.field(static=True)
+    channels: int = eqx.field(static=True)
+    pad: int = eqx.field(static=True)
+
+    def __init__(
+        self,
+        *,
+        image_size: PositiveInt,
+        channels: PositiveInt,
+        model_channels: PositiveInt,
+        channel_mult: Annotated[tuple[PositiveInt, ...], NonEmpty],
+        num_res_blocks: PositiveInt,
+        attention_resolutions: tuple[PositiveInt, ...],
+        head_channels: PositiveInt,
+        hdim: PositiveInt,
+        dropout: UnitFloatBelowOne,
+        key: PRNGKeyArray,
+    ):
+        """**Arguments:**
+        - `image_size`, `channels`: the square images' side and channels.
+        - `model_channels`, `channel_mult`, `num_res_blocks`, `attention_resolutions`: the
+          levels, as for `UNet`.
+        - `head_channels`: width of each attention head; divides the channels of every
+          attention block.
+        - `hdim`: the context size.
+        - `dropout`: dropout rate inside the residual blocks.
+        - `key`: initialisation randomness.
+        """
+        check_arguments(UNetSetEncoder.__init__, locals())
+        geometry = _levels(
+            "UNetSetEncoder", model_channels, channel_mult, image_size, attention_resolutions
+        )
+        if any(c % head_channels for c in geometry.attention_channels):
+            raise ValueError(
+                f"UNetSetEncoder.head_channels={head_channels!r} must divide the channels "
+                f"{sorted(set(geometry.attention_channels))} of every attention block."
+            )
+        keys = iter(jax.random.split(key, 6 + len(channel_mult) * (2 * num_res_blocks + 1)))
+
+        def res(cin: int, cout: int) -> _ResBlock:
+            return _ResBlock(cin, cout, 0, dropout, key=next(keys))
+
+        def attn(ch: int) -> _SelfAttention:
+            return _SelfAttention(ch, ch // head_channels, key=next(keys))
+
+        ch = model_channels * channel_mult[0]
+        self.conv_in = Conv2d(channels, ch, 3, padding=1, key=next(keys))
+        self.down, down_channels = _down_path(
+            ch,
+            model_channels,
+            channel_mult,
+            num_res_blocks,
+            geometry.attends,
+            res=res,
+            attn=attn,
+            downsample=lambda c: _Downsample(c, key=next(keys)),
+        )
+        ch = down_channels[-1]
+        self.mid_res1 = res(ch, ch)
+        self.mid_attn = attn(ch)
+        self.mid_res2 = res(ch, ch)
+        self.out_norm = eqx.nn.GroupNorm(_GROUPS, ch)
+        self.out_proj = _zero(eqx.nn.Linear(ch, hdim, key=next(keys)))
+        self.image_size = image_size
+        self.channels = channels
+        self.pad = geometry.pad
+
+    def embed(
+        self,
+        x: Float[Array, "c h w"],
+        *,
+        key: PRNGKeyArray | None = None,
+        inference: bool | None = None,
+    ) -> Float[Array, " hdim"]:
+        """The vector of one image, before the mean over the set.
+
+        **Arguments:** `x`, one image channels first; `key` and `inference` as for `__call__`.
+
+        **Returns:** `(hdim,)`, in the weights' dtype.
+        """
+        if x.shape != (self.channels, self.image_size, self.image_size):
+            raise ValueError(
+                f"UNetSetEncoder expects images of shape "
+                f"{(self.channels, self.image_size, self.image_size)}, got {x.shape}."
+            )
+        n_res = sum(isinstance(b, _Stage) for b in self.down) + 2
+        keys = [None] * n_res if key is None else list(jax.random.split(key, n_res))
+        dtype = self.conv_in.weight.dtype
+        h = self.conv_in.channels_last(_padded_channels_last(x, self.pad, dtype))
+        h = _run_down(self.down, h, None, None, keys, inference, False)[-1]
+        h = _run_res(self.mid_res1, h, None, keys.pop(), inference, False)
+        h = self.mid_attn(h)
+        h = _run_res(self.mid_res2, h, None, keys.pop(), inference, False)
+        pooled = jnp.mean(jax.nn.silu(_norm(self.out_norm, h)), axis=(0, 1))
+        return self.out_proj(pooled)
+
+    def __call__(
+        self,
+        x_set: Float[Array, "m c h w"],
+        t: Float[Array, ""] | None = None,
+        *,
+        key: PRNGKeyArray | None = None,
+        inference: bool | None = None,
+    ) -> Float[Array, " hdim"]:
+        """The context of a set: the mean over its images of `embed`.
+
+        **Arguments:**
+        - `x_set`: the set, any number of images, channels first.
+        - `t`: must be None: this encoder reads no timestep.
+        - `key`: dropout randomness (one key per image is split from it); needed unless
+          `inference` is true or dropout is zero.
+        - `inference`: disables dropout; None leaves it to `eqx.nn.inference_mode`.
+
+        **Returns:** the context `(hdim,)`, in the weights' dtype.
+        """
+        if t is not None:
+            raise ValueError(
+                "the UNet set encoder reads no timestep (ModelConfig.encoder_time_token must be "
+                "False with encoder='unet'): pass t=None."
+            )
+        keys = None if key is None else jax.random.split(key, x_set.shape[0])
+
+        def one(x: Float[Array, "c h w"], k: PRNGKeyArray | None) -> Float[Array, " hdim"]:
+            return self.embed(x, key=k, inference=inference)
+
+        return jnp.mean(jax.vmap(one)(x_set, keys), axis=0)

@@ -15,12 +15,24 @@ The pooled output is the context:
 - `cls`, `mean`, `sum`: one vector of size `hdim` (FiLM conditioning). `mean` and `sum` pool all
   tokens, class and timestep tokens included, as the reference does.
 - `mean_patch`: one token per patch position, the mean over the token groups (LAG).
+- `agg`: each patch position's embedding is averaged over the images of the set *before* the
+  transformer, which reads the special tokens and one token per patch position; all its output
+  tokens are the context (LAG), as many whatever the set size.
+- `none`: all output tokens are the context (LAG): the special tokens and every image's patches,
+  so their number grows with the set (``ns - 1`` images in training, the support set's size at
+  sampling).
 
 Differences from the reference code:
 - The reference's `mean_patch` reshapes the image-major token sequence as if it were
   position-major (so it averages tokens of different positions) and runs the transformer again on
   the result; here each position is averaged over the images of the set, then the output head
   is applied.
+- The reference's `agg` reshapes the concatenated per-image patch embeddings the same way (so its
+  "mean" mixes different positions of different images); here each position's embedding is
+  averaged over the images, the mean the pooling is meant to take.
+- With `agg` and `none` the reference feeds a zero timestep token when the encoder is given no
+  timestep; here an encoder without a timestep token has no such slot, so the context has one
+  special token (the class token) instead of two.
 - The sViT (`SetTokenEncoder`) stacks the images of the set along channels as the reference does
   (one token per patch position, so it reads sets of one size, in order), and applies the
   Shifted Patch Tokenization that the reference leaves commented out (the stack and its four
@@ -35,7 +47,7 @@ Differences from the reference code:
 from __future__ import annotations
 
 import abc
-from typing import Literal, NamedTuple, NotRequired, TypedDict, Unpack
+from typing import NamedTuple, NotRequired, TypedDict, Unpack, get_args
 
 import equinox as eqx
 import jax
@@ -43,20 +55,20 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from .._custom_types import PoolingName as Pooling
 from .attention import Transformer
+from .encoder import AbstractEncoder, Context
 from .layers import apply_tokens, patchify, split_key, timestep_embedding
 
-Pooling = Literal["cls", "mean", "sum", "mean_patch"]
-POOLINGS: tuple[Pooling, ...] = ("cls", "mean", "sum", "mean_patch")
-Context = Float[Array, " hdim"] | Float[Array, "p hdim"]
-"""An encoder's output: one vector (FiLM) or one token per patch position (LAG)."""
+POOLINGS: tuple[Pooling, ...] = get_args(Pooling)
+"""The poolings of the set transformer, `Pooling`'s values."""
 
 
 class EncoderTrace(NamedTuple):
     """A set encoder's context together with intermediates of the same forward pass."""
 
     context: Array
-    """The pooled context, `(hdim,)` or `(patches, hdim)` for `mean_patch` pooling."""
+    """The pooled context: `(hdim,)`, or tokens `(n, hdim)` for `mean_patch`, `agg` and `none`."""
     attention: Array
     """The attention weights of every block, `(depth, heads, tokens, tokens)`."""
     attn_out: Array
@@ -95,7 +107,7 @@ class SetTransformerOptions(TypedDict):
     hdim: int
     """The context size."""
     pooling: NotRequired[Pooling]
-    """`cls`, `mean` (the default), `sum` (a vector) or `mean_patch` (tokens)."""
+    """`cls`, `mean` (the default), `sum` (a vector) or `mean_patch`, `agg`, `none` (tokens)."""
     dropout: NotRequired[float]
     """Dropout on the embeddings, attention outputs and MLPs; 0 by default."""
     time_token: NotRequired[bool]
@@ -177,7 +189,13 @@ class SetTransformer(eqx.Module):
         key: PRNGKeyArray | None,
         inference: bool | None,
     ) -> EncoderTrace:
-        """Pool the set's patch tokens into the context, keeping the transformer's intermediates."""
+        """Pool the set's patch tokens into the context, keeping the transformer's intermediates.
+
+        ``patches`` holds one grid of patch tokens per token group; `agg` pooling first averages
+        each patch position over the groups, so the transformer reads a single grid.
+        """
+        if self.pooling == "agg":
+            patches = jnp.mean(patches, axis=0, keepdims=True)
         m, p, dim = patches.shape
         special = [self.cls_token[None]]
         if self.time_proj is not None:
@@ -206,8 +224,10 @@ class SetTransformer(eqx.Module):
             pooled = jnp.mean(tokens, axis=0)
         elif self.pooling == "sum":
             pooled = jnp.sum(tokens, axis=0)
-        else:
+        elif self.pooling == "mean_patch":
             pooled = jnp.mean(tokens[k:].reshape(m, p, dim), axis=0)
+        else:  # agg, none: every token
+            pooled = tokens
         if pooled.ndim == 1:
             context = self.head(self.head_norm(pooled))
         else:
@@ -227,8 +247,9 @@ class SetTransformer(eqx.Module):
         return out.context, out.attention
 
 
-class AbstractSetEncoder(eqx.Module):
-    """An encoder of a set of images into one context (a vector, or tokens for LAG)."""
+class AbstractSetEncoder(AbstractEncoder):
+    """A transformer encoder of a set of images into one context (a vector, or tokens for LAG):
+    the set becomes patch tokens, read together by one `SetTransformer`."""
 
     trunk: eqx.AbstractVar[SetTransformer]
     patch_size: eqx.AbstractVar[int]
@@ -240,8 +261,9 @@ class AbstractSetEncoder(eqx.Module):
 
     @abc.abstractmethod
     def token_groups(self, num_images: int) -> int:
-        """How many groups of patch tokens a set of ``num_images`` images becomes: the token
-        sequence is the special tokens, then ``token_groups`` patch grids one after another."""
+        """How many grids of patch tokens the transformer reads for a set of ``num_images``
+        images: the token sequence is the special tokens, then ``token_groups`` patch grids one
+        after another (one grid with `agg` pooling, which averages the set's grids first)."""
 
     def trace(
         self,
@@ -277,9 +299,11 @@ class AbstractSetEncoder(eqx.Module):
         - `key`: dropout randomness; needed unless `inference` is true or dropout is zero.
         - `inference`: disables dropout; None leaves it to `eqx.nn.inference_mode`.
 
-        **Returns:** the context (`(hdim,)`, or `(patches, hdim)` for `mean_patch` pooling) and
-        the attention weights `(depth, heads, tokens, tokens)`; the token order is class token,
-        timestep token (if any), then the patches of each image in turn.
+        **Returns:** the context and the attention weights `(depth, heads, tokens, tokens)`; the
+        token order is class token, timestep token (if any), then the patches of each token group
+        in turn. The context is a vector `(hdim,)` for `cls`, `mean` and `sum` pooling, else
+        tokens `(n, hdim)`: one per patch position for `mean_patch`, the special tokens and one
+        per patch position for `agg`, every token of the sequence for `none`.
         """
         out = self.trace(x_set, t, key=key, inference=inference)
         return out.context, out.attention
@@ -338,8 +362,8 @@ class ImageTokenEncoder(AbstractSetEncoder):
         self.patch_size = patch_size
 
     def token_groups(self, num_images: int) -> int:
-        """One group of patch tokens per image."""
-        return num_images
+        """One group of patch tokens per image; one in all with `agg` pooling."""
+        return 1 if self.trunk.pooling == "agg" else num_images
 
     def patch_tokens(self, x_set: Float[Array, "m c h w"]) -> Float[Array, "m p dim"]:
         """Linear embedding of each image's patches."""

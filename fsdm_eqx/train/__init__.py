@@ -38,4 +38,5 @@ from .step import (
     cast_floating as cast_floating,
     grad_param_ratios as grad_param_ratios,
     make_train_step as make_train_step,
+    make_update_probe as make_update_probe,
 )

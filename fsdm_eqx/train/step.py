@@ -13,7 +13,7 @@ respect to the contexts comes from the same backward pass.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import equinox as eqx
 import jax
@@ -155,45 +155,24 @@ def _reduce_metrics(loss: Array, aux: dict[str, Array], axis_name: str | None) -
     return metrics
 
 
-def make_train_step(
-    loss_fn: LossFn,
-    config: OptimConfig,
-    *,
-    total_steps: int | None = None,
-    mesh: Mesh | None = None,
-) -> StepFn:
-    """The jitted training step for ``loss_fn`` under ``config``.
+class _Update(NamedTuple):
+    """What one step computes before it applies anything."""
 
-    **Arguments:**
-    - `loss_fn`: the per-set loss, `(model, set, key, *, context_offset=None) -> (loss, aux)`
-      (the `LossFn` protocol; `fsdm_loss_fn` makes one for an `FSDM`).
-    - `config`: optimiser, EMA, precision and non-finite policy.
-    - `total_steps`: unused, accepted so that existing calls keep working: the schedule's
-      horizon is part of the optimiser state (`init_train_state(total_steps=...)`), so that a
-      resumed run keeps the learning rate it had.
-    - `mesh`: a `make_mesh()` mesh for data parallelism; the batch must then be placed with
-      `shard_batch` and the state with `replicate`.
+    params: PyTree
+    static: PyTree
+    grads: PyTree
+    updates: PyTree
+    opt_state: Any
+    metrics: dict[str, Array]
+    lr: Array
+    key: PRNGKeyArray
 
-    **Returns:** `step(state, batch) -> (state, metrics)`; `batch` has the sets on axis 0.
-    Metrics: `loss` and the aux means (the loss's own diagnostics, such as the FSDM's
-    `debug/modulation/<block>/<part>`), `lr` and `Optim/lr` (the base learning rate this
-    update applies, from the optimiser state's count of applied updates),
-    `debug/grad_norm[_<subtree>]`,
-    `debug/param_norm[_<subtree>]` (for a DiT denoiser also `debug/grad_norm_dit` and
-    `debug/param_norm_dit`, see `subtree_aliases`), `Optim/grad_global_norm` and
-    `Optim/param_global_norm` (the L2 norms of the gradient, before clipping, and of the
-    parameters over all trainable leaves, the same figures as `debug/grad_norm` and
-    `debug/param_norm`), `debug/grad_param_ratio[_<subtree>]`, `debug/update_norm`
-    and `Optim/update_global_norm` (the norm of the applied update, 0 on a skipped step),
-    `Optim/ema_decay` (the decay the EMA applied at this step, 0 when it did not average),
-    the context statistics
-    (`debug/context_{norm,mean,max,std,vector_norm,signed_mean}`, see `context_statistics`) and
-    `debug/context_grad_norm` (per set, the norm of the gradient of its loss with respect to
-    its contexts, averaged over the batch) when the loss reports its context, and
-    `debug/nonfinite` (1 when the update was skipped for a non-finite loss or gradient).
-    Parameters, gradients, optimiser state and the loss's mean stay float32 under
-    `precision="bfloat16"`; the network computes in bfloat16.
-    """
+
+def _update_fn(
+    loss_fn: LossFn, config: OptimConfig, mesh: Mesh | None
+) -> Callable[[TrainState, PyTree], _Update]:
+    """``(state, batch) -> _Update``: the gradients of the batch's mean loss, averaged over the
+    mesh, and the optimiser's update from them, shared by the step and `make_update_probe`."""
     compute_dtype = COMPUTE_DTYPES[config.precision]
     axis_name = DATA_AXIS if mesh is not None else None
 
@@ -241,8 +220,7 @@ def make_train_step(
             grads = jax.lax.pmean(grads, axis_name)
         return grads, metrics
 
-    @eqx.filter_jit(donate="all")
-    def step(state: TrainState, batch: PyTree) -> tuple[TrainState, dict[str, Array]]:
+    def update(state: TrainState, batch: PyTree) -> _Update:
         # Its update reads the count and the horizon from the state; total_steps sets them at init.
         optimizer = make_optimizer(config, state.model, total_steps=0)
         params, static = eqx.partition(state.model, trainable_filter(state.model, config.frozen))
@@ -264,6 +242,55 @@ def make_train_step(
             )
             # The lr of this update, from optax's count of applied updates (skips excluded).
             lr = applied_learning_rate(config, state.opt_state, opt_state)
+        return _Update(params, static, grads, updates, opt_state, metrics, lr, key)
+
+    return update
+
+
+def make_train_step(
+    loss_fn: LossFn,
+    config: OptimConfig,
+    *,
+    total_steps: int | None = None,
+    mesh: Mesh | None = None,
+) -> StepFn:
+    """The jitted training step for ``loss_fn`` under ``config``.
+
+    **Arguments:**
+    - `loss_fn`: the per-set loss, `(model, set, key, *, context_offset=None) -> (loss, aux)`
+      (the `LossFn` protocol; `fsdm_loss_fn` makes one for an `FSDM`).
+    - `config`: optimiser, EMA, precision and non-finite policy.
+    - `total_steps`: unused, accepted so that existing calls keep working: the schedule's
+      horizon is part of the optimiser state (`init_train_state(total_steps=...)`), so that a
+      resumed run keeps the learning rate it had.
+    - `mesh`: a `make_mesh()` mesh for data parallelism; the batch must then be placed with
+      `shard_batch` and the state with `replicate`.
+
+    **Returns:** `step(state, batch) -> (state, metrics)`; `batch` has the sets on axis 0.
+    Metrics: `loss` and the aux means (the loss's own diagnostics, such as the FSDM's
+    `debug/modulation/<block>/<part>`), `lr` and `Optim/lr` (the base learning rate this
+    update applies, from the optimiser state's count of applied updates),
+    `debug/grad_norm[_<subtree>]`,
+    `debug/param_norm[_<subtree>]` (for a DiT denoiser also `debug/grad_norm_dit` and
+    `debug/param_norm_dit`, see `subtree_aliases`), `Optim/grad_global_norm` and
+    `Optim/param_global_norm` (the L2 norms of the gradient, before clipping, and of the
+    parameters over all trainable leaves, the same figures as `debug/grad_norm` and
+    `debug/param_norm`), `debug/grad_param_ratio[_<subtree>]`, `debug/update_norm`
+    and `Optim/update_global_norm` (the norm of the applied update, 0 on a skipped step),
+    `Optim/ema_decay` (the decay the EMA applied at this step, 0 when it did not average),
+    the context statistics
+    (`debug/context_{norm,mean,max,std,vector_norm,signed_mean}`, see `context_statistics`) and
+    `debug/context_grad_norm` (per set, the norm of the gradient of its loss with respect to
+    its contexts, averaged over the batch) when the loss reports its context, and
+    `debug/nonfinite` (1 when the update was skipped for a non-finite loss or gradient).
+    Parameters, gradients, optimiser state and the loss's mean stay float32 under
+    `precision="bfloat16"`; the network computes in bfloat16.
+    """
+    update = _update_fn(loss_fn, config, mesh)
+
+    @eqx.filter_jit(donate="all")
+    def step(state: TrainState, batch: PyTree) -> tuple[TrainState, dict[str, Array]]:
+        params, static, grads, updates, opt_state, metrics, lr, key = update(state, batch)
         aliases = subtree_aliases(state.model)
         grad_norms = _norms_with_aliases(grads, "debug/grad_norm", aliases)
         param_norms = _norms_with_aliases(params, "debug/param_norm", aliases)
@@ -302,3 +329,19 @@ def make_train_step(
         return new_state, metrics
 
     return step
+
+
+def make_update_probe(
+    loss_fn: LossFn, config: OptimConfig, *, mesh: Mesh | None = None
+) -> Callable[[TrainState, PyTree], tuple[PyTree, PyTree]]:
+    """``(state, batch) -> (grads, updates)``: the gradients and the optimiser update the
+    training step would compute on ``batch``, without applying them (the state is unchanged),
+    for the histograms of an evaluation."""
+    update = _update_fn(loss_fn, config, mesh)
+
+    @eqx.filter_jit
+    def probe(state: TrainState, batch: PyTree) -> tuple[PyTree, PyTree]:
+        u = update(state, batch)
+        return u.grads, u.updates
+
+    return probe
