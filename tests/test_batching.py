@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fsdm_eqx import batching
 from fsdm_eqx.batching import index_keys, map_in_batches
 from fsdm_eqx.sharding import batch_sharding, make_mesh
 
@@ -87,3 +88,37 @@ def test_an_items_key_depends_on_its_index_alone() -> None:
     expected = jax.random.key_data(jax.random.fold_in(base, 3))
     np.testing.assert_array_equal(jax.random.key_data(keys[3]), jax.random.key_data(alone[0]))
     np.testing.assert_array_equal(jax.random.key_data(keys[3]), expected)
+
+
+@pytest.mark.parametrize("processes", [2, 3])
+def test_each_process_computes_an_equal_share_and_gets_every_result(
+    monkeypatch: pytest.MonkeyPatch, processes: int
+) -> None:
+    # The processes are simulated one after the other; the gather hands back every share,
+    # replayed from a first pass (the real collective runs in test_parallel_eval.py).
+    x, i = _inputs()
+    shares: dict[int, dict[str, np.ndarray]] = {}
+    calls: dict[int, int] = {}
+    monkeypatch.setattr(jax, "process_count", lambda: processes)
+
+    def gather(local: dict[str, np.ndarray], tiled: bool) -> dict[str, np.ndarray]:
+        assert tiled
+        shares[rank] = local
+        parts = [shares.get(r, local) for r in range(processes)]
+        return jax.tree_util.tree_map(lambda *p: np.concatenate(p), *parts)
+
+    monkeypatch.setattr(batching.multihost_utils, "process_allgather", gather)
+    outs = []
+    for rank in [*range(processes), *range(processes)]:  # the second pass sees every share
+        monkeypatch.setattr(jax, "process_index", lambda rank=rank: rank)
+
+        def fn(x: jax.Array, i: jax.Array, rank: int = rank) -> dict[str, jax.Array]:
+            calls[rank] = calls.get(rank, 0) + 1
+            return _body(x, i)
+
+        outs.append(map_in_batches(fn, (x, i), 3))
+    whole = jax.tree_util.tree_map(np.asarray, jax.jit(_body)(x, i))
+    assert len(set(calls.values())) == 1  # the last share is padded to the same calls
+    for out in outs[processes:]:
+        for name in whole:
+            np.testing.assert_array_equal(out[name], whole[name])

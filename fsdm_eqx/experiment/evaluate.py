@@ -263,7 +263,8 @@ def evaluate(
     generated = generate(ema)
     # The pixels the FID protocol scores: truncated as the reference quantises its samples.
     grid = samples_figure(to_uint8(support), to_uint8(generated))
-    write_png(run_dir / "samples.png", grid)
+    if jax.process_index() == 0:  # every process evaluates, one writes
+        write_png(run_dir / "samples.png", grid)
     results["samples_png"] = str(run_dir / "samples.png")
     sink.log_images({"samples/grid": grid}, step)
 

@@ -2,7 +2,8 @@
 
 `run_experiment` loads the data, builds the model, trains (resuming from the run directory when it
 holds a checkpoint), evaluates the EMA model and writes ``config.json``, ``metrics.json``,
-``metrics.jsonl`` and ``samples.png`` under the run directory.
+``metrics.jsonl`` and ``samples.png`` under the run directory. In a multi-process run every
+process trains and evaluates, and process 0 alone writes these files and prints.
 """
 
 from __future__ import annotations
@@ -92,7 +93,10 @@ def run_experiment(config: ExperimentConfig) -> dict[str, Any]:
     check_resume_compatible(stored.get("experiment", {}), config, anyway=config.run.resume_anyway)
     data, split = load_dataset(config.data)
     metadata = {"experiment": dataclasses.asdict(config), "class_split": split.to_dict()}
-    (run_dir / "config.json").write_text(json.dumps(metadata, indent=2, sort_keys=True))
+    # Every process trains and evaluates (both are collective); process 0 alone writes and prints.
+    lead = jax.process_index() == 0
+    if lead:
+        (run_dir / "config.json").write_text(json.dumps(metadata, indent=2, sort_keys=True))
 
     key = jax.random.PRNGKey(config.run.seed)
     model_key, train_key, eval_key = jax.random.split(key, 3)
@@ -203,8 +207,9 @@ def run_experiment(config: ExperimentConfig) -> dict[str, Any]:
         )
     finally:
         sink.close()
-    (run_dir / "metrics.json").write_text(json.dumps(results, indent=2, sort_keys=True))
-    print(summary_table(results), flush=True)
+    if lead:
+        (run_dir / "metrics.json").write_text(json.dumps(results, indent=2, sort_keys=True))
+        print(summary_table(results), flush=True)
     return results
 
 
@@ -224,9 +229,12 @@ def _best_state(run_dir: Path, state: Any) -> Any:
     """The training state of the best evaluation (``run_dir/best/``), or ``state`` when the run
     kept none."""
     best = resumable_checkpoint(run_dir / BEST_DIR)
+    lead = jax.process_index() == 0
     if best is None:
-        print(f"No best checkpoint in {run_dir / BEST_DIR}; evaluating the last one.")
+        if lead:
+            print(f"No best checkpoint in {run_dir / BEST_DIR}; evaluating the last one.")
         return state
     restored, _ = restore_checkpoint(best, state)
-    print(f"Evaluating the best checkpoint, {best}.")
+    if lead:
+        print(f"Evaluating the best checkpoint, {best}.")
     return restored

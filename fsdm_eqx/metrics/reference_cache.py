@@ -21,6 +21,7 @@ from collections.abc import Callable
 import equinox as eqx
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jaxtyping import Float, PyTree, UInt8
 
 from .fid import FeatureStatistics, feature_statistics
@@ -45,6 +46,16 @@ def tree_digest(tree: PyTree) -> str:
         digest.update(f"{array.dtype}{array.shape}".encode())
         digest.update(np.ascontiguousarray(array).tobytes())
     return digest.hexdigest()
+
+
+def _read(path: pathlib.Path) -> ReferenceStatistics | None:
+    """The statistics saved at ``path``, or None when the file is missing or damaged."""
+    try:
+        with np.load(path) as stored:
+            stats = FeatureStatistics(mu=stored["mu"], sigma=stored["sigma"])
+            return ReferenceStatistics(stored["features"], stats)
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
+        return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,16 +86,21 @@ class FeatureCache:
         compute: Callable[[UInt8[np.ndarray, "n c h w"]], Float[np.ndarray, "n d"]],
     ) -> ReferenceStatistics:
         """The statistics of ``images``, read from the cache or computed with ``compute``
-        (features of a batch of uint8 images) and saved atomically."""
+        (features of a batch of uint8 images) and saved atomically.
+
+        In a multi-process run every process computes unless every process read the file
+        (``compute`` may be collective), and process 0 alone saves it."""
         path = self.path_for(images)
-        try:
-            with np.load(path) as stored:
-                stats = FeatureStatistics(mu=stored["mu"], sigma=stored["sigma"])
-                return ReferenceStatistics(stored["features"], stats)
-        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
-            pass  # missing or damaged: compute it again
+        cached = _read(path)
+        if jax.process_count() > 1:
+            found = multihost_utils.process_allgather(np.asarray(cached is not None))
+            cached = cached if bool(np.all(found)) else None
+        if cached is not None:
+            return cached
         features = np.asarray(compute(images), dtype=np.float64)
         stats = feature_statistics(features)
+        if jax.process_index() != 0:
+            return ReferenceStatistics(features, stats)
         self.directory.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=self.directory, suffix=".npz", delete=False) as f:
             np.savez(f, features=features, mu=stats.mu, sigma=stats.sigma)
