@@ -7,8 +7,6 @@ copying back the previous one, and trims the padding. `index_keys` gives item ``
 depends on ``i`` alone, so results do not depend on the batch size or the devices.
 """
 
-from __future__ import annotations
-
 from collections.abc import Callable, Sequence
 
 import jax

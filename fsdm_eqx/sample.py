@@ -9,8 +9,6 @@ its channels), generates ``--num`` images with the EMA model and writes them as
 ``--out-dir``.
 """
 
-from __future__ import annotations
-
 import dataclasses
 import math
 import sys

@@ -5,8 +5,6 @@ holds a checkpoint), evaluates the EMA model and writes ``config.json``, ``metri
 ``metrics.jsonl`` and ``samples.png`` under the run directory.
 """
 
-from __future__ import annotations
-
 import dataclasses
 import json
 import time

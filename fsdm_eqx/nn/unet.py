@@ -17,8 +17,6 @@ initialised to zero, so at initialisation each block is the identity on its skip
 network outputs exactly zero.
 """
 
-from __future__ import annotations
-
 import math
 from typing import Annotated, TypeVar
 

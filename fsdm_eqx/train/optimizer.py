@@ -1,7 +1,5 @@
 """The optax optimiser of `OptimConfig`: clipping, AdamW per subtree, warm-up and decay."""
 
-from __future__ import annotations
-
 from collections.abc import Hashable
 from typing import Any, NamedTuple
 
