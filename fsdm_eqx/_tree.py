@@ -1,7 +1,5 @@
 """PyTree helpers: the top-level subtree a leaf belongs to."""
 
-from __future__ import annotations
-
 import jax
 from jaxtyping import PyTree
 

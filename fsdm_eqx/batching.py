@@ -9,8 +9,6 @@ all the results back. `index_keys` gives item ``i`` a key that depends on ``i`` 
 do not depend on the batch size, the devices or the number of processes.
 """
 
-from __future__ import annotations
-
 from collections.abc import Callable, Sequence
 
 import jax

@@ -9,8 +9,6 @@ so they are the single list of settings. The classes are marked ``no_type_check`
 type checkers leave the validation, and its message, to ``__post_init__``.
 """
 
-from __future__ import annotations
-
 import dataclasses
 import functools
 from collections.abc import Callable, Iterable, Mapping

@@ -9,8 +9,6 @@ Plain NumPy reads it (``np.load``); `load_exported` rebuilds the model from the 
 ``python -m fsdm_eqx.sample --checkpoint model.npz`` samples from it.
 """
 
-from __future__ import annotations
-
 import dataclasses
 import json
 import os

@@ -10,8 +10,6 @@ its channels), generates ``--num`` images with the EMA model and writes them as
 ``--out-dir``.
 """
 
-from __future__ import annotations
-
 import dataclasses
 import math
 import sys

@@ -4,8 +4,6 @@ Training places its state and batches with these over every device of every host
 (`fsdm_eqx.train.parallel` re-exports them); evaluation uses them over the local devices.
 """
 
-from __future__ import annotations
-
 from collections.abc import Sequence
 from typing import Any
 

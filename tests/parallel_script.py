@@ -22,7 +22,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from fsdm_eqx.config import OptimConfig
 from fsdm_eqx.train import (
-    init_train_state,
     make_mesh,
     make_train_step,
     replicate,
@@ -30,16 +29,14 @@ from fsdm_eqx.train import (
     save_checkpoint,
     shard_batch,
 )
-from tests.train_fixtures import TinyModel, tiny_batches, tiny_loss
+from tests.train_fixtures import fresh_state, tiny_batches, tiny_loss
 
 CONFIG = OptimConfig(lr=1e-2, ema_start=0, ema_every=1)
 STEPS = 4
 
 
-def fresh_state(mesh):
-    state = init_train_state(
-        TinyModel(jax.random.key(0)), CONFIG, key=jax.random.key(1), total_steps=STEPS
-    )
+def placed_state(mesh):
+    state = fresh_state(CONFIG, STEPS)
     return state if mesh is None else replicate(state, mesh)
 
 
@@ -57,7 +54,7 @@ def final_leaves(state):
 
 def train(mesh, batches):
     step = make_train_step(tiny_loss, CONFIG, total_steps=STEPS, mesh=mesh)
-    state, metrics = run_steps(step, fresh_state(mesh), mesh, batches)
+    state, metrics = run_steps(step, placed_state(mesh), mesh, batches)
     return final_leaves(state), {k: float(v) for k, v in metrics.items()}
 
 
@@ -79,10 +76,10 @@ elif sys.argv[1] == "resume":
     batches = tiny_batches(STEPS, batch=16)
     mesh = make_mesh()
     step = make_train_step(tiny_loss, CONFIG, total_steps=STEPS, mesh=mesh)
-    uninterrupted, _ = run_steps(step, fresh_state(mesh), mesh, batches)
-    half, _ = run_steps(step, fresh_state(mesh), mesh, batches[: STEPS // 2])
+    uninterrupted, _ = run_steps(step, placed_state(mesh), mesh, batches)
+    half, _ = run_steps(step, placed_state(mesh), mesh, batches[: STEPS // 2])
     save_checkpoint(directory, half, metadata={})
-    template = fresh_state(mesh)
+    template = placed_state(mesh)
     restored, _ = restore_checkpoint(directory, template)
     replicated = NamedSharding(mesh, P())
     arrays = [x for x in jax.tree_util.tree_leaves(restored) if isinstance(x, jax.Array)]

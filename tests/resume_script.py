@@ -12,10 +12,10 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import jax
 import numpy as np
 
-from fsdm_eqx.config import OptimConfig, RunConfig
+from fsdm_eqx.config import RunConfig
 from fsdm_eqx.instrument import JsonlSink
-from fsdm_eqx.train import init_train_state, make_train_step, train
-from tests.train_fixtures import TinyModel, tiny_loss
+from fsdm_eqx.train import train
+from tests.train_fixtures import fresh_state, loop_batch, make_tiny_step
 
 
 def main() -> None:
@@ -31,16 +31,12 @@ def main() -> None:
         keep_checkpoints=2,
         progress=False,
     )
-    optim = OptimConfig(lr=1e-2, ema_start=0, ema_every=1, ema_decay=0.9)
-    key = jax.random.key(config.seed)
-    model = TinyModel(jax.random.fold_in(key, 0))
-    state = init_train_state(model, optim, key=jax.random.fold_in(key, 1), total_steps=num_steps)
-    step_fn = make_train_step(tiny_loss, optim, total_steps=num_steps)
+    state = fresh_state(total_steps=num_steps)
+    step_fn = make_tiny_step(total_steps=num_steps)
 
     def batch_fn(step: int) -> np.ndarray:
         time.sleep(delay)
-        rng = np.random.default_rng([config.seed, step])
-        return rng.normal(size=(8, 5, 4)).astype(np.float32)
+        return loop_batch(step)
 
     sink = JsonlSink(run_dir)
     train(state, step_fn, batch_fn, config=config, sink=sink, metadata={"script": "resume"})

@@ -32,10 +32,10 @@ def schedule():
 
 
 @pytest.mark.parametrize("t", [0, 100, 999])
-def test_q_sample_moments_match_closed_form(schedule, t: int) -> None:
+def test_q_sample_moments_match_closed_form(schedule, t: int, getkey) -> None:
     x0 = jnp.array([-0.8, 0.0, 0.5, 1.0])
     n = 200_000
-    noise = jax.random.normal(jax.random.key(t), (n, 4))
+    noise = jax.random.normal(getkey(), (n, 4))
     xt = jax.vmap(lambda e: q_sample(schedule, x0, jnp.asarray(t), e))(noise)
     mean, var = np.asarray(xt.mean(0)), np.asarray(xt.var(0))
     expected_mean, expected_var = np.sqrt(ABAR[t]) * np.asarray(x0), 1 - ABAR[t]
@@ -63,8 +63,8 @@ def test_posterior_is_bayes_rule_of_the_forward_process(schedule, t: int) -> Non
     np.testing.assert_allclose(np.asarray(log_var), np.full(6, np.log(1 / precision)), rtol=1e-5)
 
 
-def test_x0_and_eps_predictions_invert_q_sample(schedule) -> None:
-    key_x, key_e = jax.random.split(jax.random.key(1))
+def test_x0_and_eps_predictions_invert_q_sample(schedule, getkey) -> None:
+    key_x, key_e = jax.random.split(getkey())
     x0 = jax.random.uniform(key_x, (3, 4, 4), minval=-1, maxval=1)
     eps = jax.random.normal(key_e, (3, 4, 4))
     for t in (0, 250, 999):
@@ -114,8 +114,8 @@ def test_discretized_likelihood_is_a_distribution_over_256_values() -> None:
         assert float(jnp.exp(logp).sum()) == pytest.approx(1.0, abs=1e-4)
 
 
-def test_p_mean_variance_with_true_noise_is_the_posterior(schedule) -> None:
-    key_x, key_e = jax.random.split(jax.random.key(2))
+def test_p_mean_variance_with_true_noise_is_the_posterior(schedule, getkey) -> None:
+    key_x, key_e = jax.random.split(getkey())
     x0 = jax.random.uniform(key_x, (2, 3, 3), minval=-0.9, maxval=0.9)
     eps = jax.random.normal(key_e, (2, 3, 3))
     t = jnp.asarray(300)
@@ -177,7 +177,7 @@ def test_prior_bpd_matches_closed_form(schedule) -> None:
     assert float(prior_bpd(schedule, x0)) == pytest.approx(expected, rel=1e-3, abs=1e-9)
 
 
-def test_training_draws_t_uniformly_and_reports_mse() -> None:
+def test_training_draws_t_uniformly_and_reports_mse(getkey) -> None:
     """With x_0 = 0 and a model predicting eps_hat = t / T, E[mse] = 1 + E[(t / T)^2]."""
     small_t = 10
     schedule = make_schedule("linear", small_t)
@@ -188,7 +188,7 @@ def test_training_draws_t_uniformly_and_reports_mse() -> None:
     def model_fn(x_t, t):
         return jnp.ones_like(x_t) * t / small_t
 
-    keys = jax.random.split(jax.random.key(3), 20_000)
+    keys = jax.random.split(getkey(), 20_000)
     losses = jax.jit(
         jax.vmap(
             lambda k: training_losses(
@@ -203,7 +203,7 @@ def test_training_draws_t_uniformly_and_reports_mse() -> None:
     np.testing.assert_array_equal(np.asarray(losses["loss"]), mse)
 
 
-def test_hybrid_loss_weights_the_bound_and_trains_only_the_variance(schedule) -> None:
+def test_hybrid_loss_weights_the_bound_and_trains_only_the_variance(schedule, getkey) -> None:
     config = DiffusionConfig()
     x0 = jnp.linspace(-1, 1, 12).reshape(3, 2, 2)
 
@@ -216,7 +216,7 @@ def test_hybrid_loss_weights_the_bound_and_trains_only_the_variance(schedule) ->
         return training_losses(model_fn, schedule, x0, key=key, config=config, t=jnp.asarray(500))
 
     params = {"eps": jnp.asarray(0.5), "v": jnp.asarray(0.2)}
-    key = jax.random.key(4)
+    key = getkey()
     terms = loss_of(params, key)
     assert float(terms["loss"]) == pytest.approx(
         float(terms["mse"] + 0.001 * T * terms["vb"]), rel=1e-6

@@ -90,12 +90,12 @@ def test_respaced_ddim_reproduces_gaussian_data(x_T) -> None:
     assert_matches_target(out)
 
 
-def test_ddim_eta0_is_deterministic_and_agrees_with_the_ode(x_T) -> None:
+def test_ddim_eta0_is_deterministic_and_agrees_with_the_ode(x_T, getkey) -> None:
     def ddim(x, k):
         return ddim_sample(optimal_eps, FULL, x, key=k, variance="fixed_small", clip_denoised=False)
 
-    a = batched(ddim, x_T[:16], key=jax.random.key(5))
-    b = batched(ddim, x_T[:16], key=jax.random.key(6))
+    a = batched(ddim, x_T[:16], key=getkey())
+    b = batched(ddim, x_T[:16], key=getkey())
     np.testing.assert_array_equal(a, b)
     ode = batched(
         lambda x, k: ode_sample(optimal_eps, FULL, x, variance="fixed_small", rtol=1e-6, atol=1e-6),
@@ -105,7 +105,7 @@ def test_ddim_eta0_is_deterministic_and_agrees_with_the_ode(x_T) -> None:
     assert np.max(np.abs(a - ode)) < 5e-3
 
 
-def test_ddpm_and_ddim_eta1_differ_pathwise_but_not_in_law(x_T) -> None:
+def test_ddpm_and_ddim_eta1_differ_pathwise_but_not_in_law(x_T, getkey) -> None:
     ddpm = batched(
         lambda x, k: ddpm_sample(
             optimal_eps, FULL, x, key=k, variance="fixed_small", clip_denoised=False
@@ -117,7 +117,7 @@ def test_ddpm_and_ddim_eta1_differ_pathwise_but_not_in_law(x_T) -> None:
             optimal_eps, FULL, x, key=k, eta=1.0, variance="fixed_small", clip_denoised=False
         ),
         x_T,
-        key=jax.random.key(9),
+        key=getkey(),
     )
     assert np.abs(ddpm - ddim).mean() > 0.1
     assert abs(ddpm.std() - ddim.std()) < 4 * S / np.sqrt(N)

@@ -1,7 +1,5 @@
 """The few-shot experiment: CLI generated from the configs, the smoke preset end to end, resume."""
 
-from __future__ import annotations
-
 import contextlib
 import dataclasses
 import io

@@ -4,8 +4,6 @@ The model, optimiser, evaluation and run settings come from the `smoke` preset a
 command-line overrides on top of each script's own preset, so its data path is the one tested.
 """
 
-from __future__ import annotations
-
 import contextlib
 import dataclasses
 import io

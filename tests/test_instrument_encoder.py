@@ -185,9 +185,9 @@ def _finite_differences(model, x_set, projection, eps):
     return ((plus - minus) / (2 * eps)).T.reshape(2, *x_set.shape)
 
 
-def test_context_saliency_matches_finite_differences(model, x_sets):
+def test_context_saliency_matches_finite_differences(model, x_sets, getkey):
     x_set = x_sets[0]
-    key = jax.random.key(5)
+    key = getkey()
     projection = jax.random.normal(key, model.context(x_set, inference=True).c.shape)
     grads = np.asarray(_finite_differences(model, x_set, projection, 1e-2), np.float64)
     for grad, saliency_key in zip(grads, (None, key), strict=True):

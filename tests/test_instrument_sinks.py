@@ -7,6 +7,7 @@ import pytest
 
 from fsdm_eqx.instrument import ConsoleSink, JsonlSink, MultiSink, NullSink, Sink
 from fsdm_eqx.instrument.sinks import HISTOGRAM_BINS, confusion_table, histogram
+from tests.helpers import RecordingSink
 
 
 def test_histogram_counts_and_edges_by_hand():
@@ -50,31 +51,8 @@ def test_jsonl_sink_writes_histograms_and_tables(tmp_path):
     assert odd["rows"] == [["nan"]]
 
 
-class Recording:
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, object]] = []
-
-    def log(self, metrics, step):
-        self.calls.append(("log", step))
-
-    def log_images(self, images, step):
-        self.calls.append(("images", step))
-
-    def log_histograms(self, values, step):
-        self.calls.append(("histograms", step))
-
-    def log_table(self, name, columns, rows, step):
-        self.calls.append(("table", (name, step)))
-
-    def log_confusion_matrix(self, name, classes, counts, step):
-        self.calls.append(("confusion", (name, step)))
-
-    def close(self):
-        self.calls.append(("close", None))
-
-
 def test_multi_console_and_null_sinks_take_every_kind(capsys):
-    first, second = Recording(), Recording()
+    first, second = RecordingSink(), RecordingSink()
     null = NullSink()
     sink = MultiSink(first, ConsoleSink(), null, second)
     for member in (first, second, null, sink, ConsoleSink()):

@@ -7,7 +7,6 @@ import socket
 import struct
 import time
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ import wandb
 from PIL import Image
 from wandb.proto import wandb_internal_pb2
 
-from fsdm_eqx.config import OptimConfig, RunConfig
+from fsdm_eqx.config import RunConfig
 from fsdm_eqx.instrument import (
     ConsoleSink,
     JsonlSink,
@@ -28,11 +27,10 @@ from fsdm_eqx.instrument import (
 )
 from fsdm_eqx.instrument.sinks import histogram
 from fsdm_eqx.instrument.wandb_sink import resolve_mode
-from fsdm_eqx.train import init_train_state, make_train_step, train
-from tests.train_fixtures import TinyModel, tiny_loss
+from fsdm_eqx.train import train
+from tests.train_fixtures import fresh_state, loop_batch
 
-OPTIM = OptimConfig(lr=1e-2, ema_start=0, ema_every=1, ema_decay=0.9)
-TOTAL = 6
+NUM_STEPS = 6
 FAKE_KEY = "0123456789abcdef" * 2 + "01234567"
 
 
@@ -257,23 +255,7 @@ def _history(run_dir: pathlib.Path) -> dict[int, dict[str, object]]:
     return rows
 
 
-@pytest.fixture(scope="module")
-def step_fn():
-    return make_train_step(tiny_loss, OPTIM, total_steps=TOTAL)
-
-
-def fresh_state():
-    key = jax.random.key(0)
-    return init_train_state(
-        TinyModel(key), OPTIM, key=jax.random.fold_in(key, 1), total_steps=TOTAL
-    )
-
-
-def batch_fn(step: int) -> np.ndarray:
-    return np.random.default_rng([1, step]).normal(size=(8, 5, 4)).astype(np.float32)
-
-
-# Keys of issue 9 that the tiny two-subtree model, the step and the loop produce; every other key
+# The keys that the step and the loop must produce for the tiny two-subtree model; every other key
 # the step returns is checked too, as the set of keys of one step.
 REQUIRED = {
     "loss",
@@ -308,14 +290,14 @@ def test_offline_training_run_records_every_key(wandb_env, tmp_path, step_fn, ca
     run_dir = tmp_path / "run"
     config = RunConfig(
         run_dir=str(run_dir),
-        num_steps=TOTAL,
+        num_steps=NUM_STEPS,
         log_every=3,
         eval_every=3,
         save_every=0,
         sample_every=2,
         progress=False,
     )
-    sink = make_sink(config, name="tiny", config={"run": {"num_steps": TOTAL}})
+    sink = make_sink(config, name="tiny", config={"run": {"num_steps": NUM_STEPS}})
     wandb_part = sink.sinks[1]
     assert isinstance(wandb_part, WandbSink) and wandb_part.mode == "offline"
     frame = np.zeros((6, 9, 3), np.uint8)
@@ -330,19 +312,19 @@ def test_offline_training_run_records_every_key(wandb_env, tmp_path, step_fn, ca
     train(
         fresh_state(),
         step_fn,
-        batch_fn,
+        loop_batch,
         config=config,
         sink=sink,
         eval_fn=lambda state: {"eval_loss": 1.5},
         images_fn=lambda state: {"generation/set_0": frame},
         visuals_fn=visuals_fn,
     )
-    sink.log_table("fid/per_class", ["class", "fid"], [["apple", 3.0]], TOTAL)
-    sink.log_confusion_matrix("Val/confusion_matrix", ["a", "b"], np.eye(2, dtype=int), TOTAL)
+    sink.log_table("fid/per_class", ["class", "fid"], [["apple", 3.0]], NUM_STEPS)
+    sink.log_confusion_matrix("Val/confusion_matrix", ["a", "b"], np.eye(2, dtype=int), NUM_STEPS)
     sink.close()
     assert "wandb sync" in capsys.readouterr().err
 
-    step_keys = set(step_fn(fresh_state(), jnp.asarray(batch_fn(0)))[1])
+    step_keys = set(step_fn(fresh_state(), jnp.asarray(loop_batch(0)))[1])
     rows = _history(run_dir)
     local = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     for step in (3, 6):
@@ -404,7 +386,7 @@ def test_unreachable_host_run_finishes_with_local_metrics(wandb_env, tmp_path, s
     start = time.monotonic()
     sink = make_sink(config, name="unreachable", config={})
     started = time.monotonic()
-    train(fresh_state(), step_fn, batch_fn, config=config, sink=sink)
+    train(fresh_state(), step_fn, loop_batch, config=config, sink=sink)
     trained = time.monotonic()
     sink.close()
     held = (started - start) + (time.monotonic() - trained)

@@ -253,12 +253,12 @@ def test_generation_split_over_devices_gives_the_same_samples():
 
 
 @pytest.mark.slow
-def test_the_fsdm_model_plugs_into_every_protocol():
+def test_the_fsdm_model_plugs_into_every_protocol(getkey):
     from fsdm_eqx.config import DiffusionConfig, model_preset
     from fsdm_eqx.metrics import fewshot_likelihood, fewshot_probe
     from fsdm_eqx.nn import FSDM
 
-    model = FSDM(model_preset("smoke"), key=jax.random.key(0))
+    model = FSDM(model_preset("smoke"), key=getkey())
     diffusion = DiffusionConfig(num_steps=10, sampling_steps=3)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(60, 3, 32, 32), dtype=np.uint8)

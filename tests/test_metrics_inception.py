@@ -1,8 +1,6 @@
 """The FID InceptionV3 port: golden features, resize conventions, the torch-free .pth reader, the
 download/cache path with its errors, and sharding over fake devices."""
 
-from __future__ import annotations
-
 import collections
 import hashlib
 import importlib.util

@@ -34,10 +34,10 @@ def _numpy_attention(attn: MultiheadAttention, x: np.ndarray, ctx: np.ndarray, s
 
 
 @pytest.mark.parametrize("mode", ["self", "cross", "locality"])
-def test_attention_matches_numpy(mode):
-    key = jax.random.key(0)
-    x = np.asarray(jax.random.normal(jax.random.key(1), (5, 12)), np.float64)
-    ctx = np.asarray(jax.random.normal(jax.random.key(2), (7, 6)), np.float64)
+def test_attention_matches_numpy(mode, getkey):
+    key = getkey()
+    x = np.asarray(jax.random.normal(getkey(), (5, 12)), np.float64)
+    ctx = np.asarray(jax.random.normal(getkey(), (7, 6)), np.float64)
     attn = MultiheadAttention(
         12,
         num_heads=3,
@@ -56,30 +56,28 @@ def test_attention_matches_numpy(mode):
         assert np.all(np.diagonal(np.asarray(weights), axis1=1, axis2=2) == 0.0)
 
 
-def test_locality_rejects_context():
-    attn = MultiheadAttention(8, num_heads=2, head_dim=4, locality=True, key=jax.random.key(0))
+def test_locality_rejects_context(getkey):
+    attn = MultiheadAttention(8, num_heads=2, head_dim=4, locality=True, key=getkey())
     with pytest.raises(ValueError, match="self-attention"):
         attn(jnp.zeros((3, 8)), jnp.zeros((3, 8)))
 
 
-def test_transformer_returns_weights_of_every_layer():
-    tr = Transformer(8, depth=3, num_heads=2, head_dim=4, mlp_dim=16, key=jax.random.key(0))
-    x = jax.random.normal(jax.random.key(1), (5, 8))
+def test_transformer_returns_weights_of_every_layer(getkey):
+    tr = Transformer(8, depth=3, num_heads=2, head_dim=4, mlp_dim=16, key=getkey())
+    x = jax.random.normal(getkey(), (5, 8))
     out, weights = tr(x)
     assert out.shape == (5, 8)
     assert weights.shape == (3, 2, 5, 5)
     np.testing.assert_allclose(np.asarray(weights.sum(-1)), 1.0, rtol=1e-6)
 
 
-def test_dropout_needs_key_only_in_training():
-    tr = Transformer(
-        8, depth=1, num_heads=2, head_dim=4, mlp_dim=16, dropout=0.5, key=jax.random.key(0)
-    )
-    x = jax.random.normal(jax.random.key(1), (5, 8))
+def test_dropout_needs_key_only_in_training(getkey):
+    tr = Transformer(8, depth=1, num_heads=2, head_dim=4, mlp_dim=16, dropout=0.5, key=getkey())
+    x = jax.random.normal(getkey(), (5, 8))
     a, _ = tr(x, inference=True)
     b, _ = tr(x, inference=True)
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    c, _ = tr(x, key=jax.random.key(2))
+    c, _ = tr(x, key=getkey())
     assert not np.allclose(np.asarray(a), np.asarray(c))
     with pytest.raises(RuntimeError, match="key"):
         tr(x)
@@ -100,9 +98,9 @@ def test_timestep_embedding_matches_formula(dim):
     np.testing.assert_allclose(emb, np.array(ref), rtol=1e-5, atol=1e-5)
 
 
-def test_trace_keeps_the_residual_branches_of_the_same_forward():
-    tr = Transformer(8, depth=2, num_heads=2, head_dim=4, mlp_dim=16, key=jax.random.key(0))
-    x = jax.random.normal(jax.random.key(1), (5, 8))
+def test_trace_keeps_the_residual_branches_of_the_same_forward(getkey):
+    tr = Transformer(8, depth=2, num_heads=2, head_dim=4, mlp_dim=16, key=getkey())
+    x = jax.random.normal(getkey(), (5, 8))
     out = tr.trace(x, inference=True)
     tokens, weights = tr(x, inference=True)
     np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(tokens))

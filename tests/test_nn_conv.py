@@ -31,17 +31,17 @@ def _loss(layer, x, cotangent):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize(("kernel", "stride", "padding"), CASES)
-def test_outputs_and_gradients_equal_equinox(kernel, stride, padding, impl):
+def test_outputs_and_gradients_equal_equinox(kernel, stride, padding, impl, getkey):
     conv, reference = _pair(kernel, stride, padding, impl)
     np.testing.assert_array_equal(np.asarray(conv.weight), np.asarray(reference.weight))
     assert conv.bias is not None and reference.bias is not None
     np.testing.assert_array_equal(np.asarray(conv.bias), np.asarray(reference.bias))
-    x = jax.random.normal(jax.random.key(1), (3, 5, 9, 7))  # odd, non-square sizes
+    x = jax.random.normal(getkey(), (3, 5, 9, 7))  # odd, non-square sizes
     want = jax.vmap(reference)(x)
     got = jax.vmap(conv)(x)
     assert got.shape == want.shape
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
-    cotangent = jax.random.normal(jax.random.key(2), want.shape)
+    cotangent = jax.random.normal(getkey(), want.shape)
     grads = jax.grad(_loss, argnums=(0, 1))(conv, x, cotangent)
     ref_grads = jax.grad(_loss, argnums=(0, 1))(reference, x, cotangent)
     for a, b in [(grads[1], ref_grads[1]), (grads[0].weight, ref_grads[0].weight),
@@ -50,7 +50,7 @@ def test_outputs_and_gradients_equal_equinox(kernel, stride, padding, impl):
 
 
 @pytest.mark.parametrize("impl", ["xla", "im2col"])
-def test_inside_scan_and_channels_last(impl):
+def test_inside_scan_and_channels_last(impl, getkey):
     """Three convolutions in a `lax.scan` (as a sampler's loop), and the channels-last entry
     point the UNet uses, against the channels-first reference."""
     conv, reference = _pair(3, 1, 1, impl)
@@ -58,7 +58,7 @@ def test_inside_scan_and_channels_last(impl):
     reference = eqx.tree_at(lambda c: c.weight, reference, reference.weight[:5])
     conv = eqx.tree_at(lambda c: c.bias, conv, conv.bias[:5])
     reference = eqx.tree_at(lambda c: c.bias, reference, reference.bias[:5])
-    x = jax.random.normal(jax.random.key(3), (5, 7, 7))
+    x = jax.random.normal(getkey(), (5, 7, 7))
 
     def run(layer):
         def body(h, _):
@@ -88,8 +88,8 @@ def test_conv2d_matches_numpy_cross_correlation():
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
 
-def test_bad_arguments_are_one_clear_error():
+def test_bad_arguments_are_one_clear_error(getkey):
     with pytest.raises(ValueError, match="kernel_size"):
-        Conv2d(3, 4, 0, key=jax.random.key(0))
+        Conv2d(3, 4, 0, key=getkey())
     with pytest.raises((ValueError, TypeCheckError), match=r"channels|cin"):
         conv2d(jnp.zeros((4, 4, 3)), jnp.zeros((3, 3, 2, 4)))

@@ -83,7 +83,7 @@ def test_warm_start_lets_the_context_act_at_initialisation(conditioning):
     np.testing.assert_array_equal(zero, 0.0)  # adaLN-Zero: the output is zero, whatever c
 
 
-def test_conditioning_shapes_are_checked():
+def test_conditioning_shapes_are_checked(getkey):
     x, t, ctx = _inputs("film")
     with pytest.raises(ValueError, match="LAG conditioning takes context tokens"):
         _dit("lag")(x, t, ctx)
@@ -92,7 +92,7 @@ def test_conditioning_shapes_are_checked():
     with pytest.raises(jaxtyping.TypeCheckError):
         _dit("film")(x[0], t, ctx)
     with pytest.raises(ValueError, match="does not divide"):
-        DiT(image_size=9, patch_size=2, context_dim=4, key=jax.random.key(0))
+        DiT(image_size=9, patch_size=2, context_dim=4, key=getkey())
 
 
 def test_sincos_matches_formula():

@@ -99,13 +99,14 @@ LOO_CONFIGS = {
 
 
 @pytest.mark.parametrize("kind", list(LOO_CONFIGS))
-def test_leave_one_out_gradient_and_permutation_invariance(kind, model):
+def test_leave_one_out_gradient_and_permutation_invariance(kind, model, getkey):
     config = dataclasses.replace(CONFIG, **LOO_CONFIGS[kind])
     if kind != "vit-film-variational":
         # the UNet encoder's output map starts at zero: perturb it so that the images reach c
-        model = perturb_zeros(FSDM(config, key=jax.random.key(1)))
+        model = perturb_zeros(FSDM(config, key=getkey()))
     x_set = _random_set(2)
     perm = jnp.array([2, 0, 5, 3, 1, 4])
+    cotangent_key = getkey()
 
     @eqx.filter_jit
     def run(model, x_set, x_perm, key):
@@ -122,11 +123,11 @@ def test_leave_one_out_gradient_and_permutation_invariance(kind, model):
             # d(w_i . c_i)/d x_set, for random w_i
             c, vjp = jax.vjp(fn, x_set)
             mask = jnp.eye(NS).reshape(NS, NS, *([1] * (c.ndim - 1)))
-            cotangents = jax.random.normal(jax.random.key(9), (NS, *c.shape)) * mask
+            cotangents = jax.random.normal(cotangent_key, (NS, *c.shape)) * mask
             grads.append(jax.vmap(lambda ct, vjp=vjp: vjp(ct)[0])(cotangents))
         return grads, eval_c(x_set), eval_c(x_perm), model.encoder(x_set[1:])
 
-    grads, c, c_perm, direct = run(model, x_set, x_set[perm], jax.random.key(3))
+    grads, c, c_perm, direct = run(model, x_set, x_set[perm], getkey())
     p = 16  # 4 x 4 patch positions
     tokens = {"mean_patch": p, "agg": 1 + p, "none": 1 + (NS - 1) * p}.get(config.pooling)
     c_shape = (NS, CONFIG.hdim) if tokens is None else (NS, tokens, CONFIG.hdim)
@@ -150,12 +151,12 @@ def test_leave_one_out_gradient_and_permutation_invariance(kind, model):
     np.testing.assert_allclose(np.asarray(c[0]), np.asarray(direct), rtol=1e-5, atol=1e-5)
 
 
-def test_loss_metrics_and_compiles_once(model, train_step):
+def test_loss_metrics_and_compiles_once(model, train_step, getkey):
     step, traces = train_step
     params, opt_state = _init_state(model)
     outs = []
     for i in range(3):  # new data, new keys, updated parameters
-        params, opt_state, out = step(params, opt_state, _random_set(10 + i), jax.random.key(i))
+        params, opt_state, out = step(params, opt_state, _random_set(10 + i), getkey())
         outs.append(out)
     assert len(traces) == 1
     out = outs[0]
@@ -180,11 +181,11 @@ def test_loss_metrics_and_compiles_once(model, train_step):
     assert not np.allclose(float(outs[0]["loss"]), float(outs[1]["loss"]))
 
 
-def test_bad_inputs_give_clear_errors(model, schedule):
+def test_bad_inputs_give_clear_errors(model, schedule, getkey):
     with pytest.raises(ValueError, match="variance"):
         model.loss(
             _random_set(0),
-            key=jax.random.key(0),
+            key=getkey(),
             diffusion_config=DiffusionConfig(variance="fixed_small", loss="mse"),
             schedule=schedule,
         )
@@ -193,7 +194,7 @@ def test_bad_inputs_give_clear_errors(model, schedule):
     with pytest.raises(ValueError, match=r"ModelConfig\.ns"):
         model.loss(
             _random_set(0, (NS - 1, *SHAPE)),
-            key=jax.random.key(0),
+            key=getkey(),
             diffusion_config=DIFFUSION,
             schedule=schedule,
         )
@@ -207,18 +208,18 @@ def _cifar_set():
     return jnp.asarray(images.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1.0)
 
 
-def test_overfits_real_images(model, train_step):
+def test_overfits_real_images(model, train_step, getkey):
     step, traces = train_step
     x_set = _cifar_set()
     params, opt_state = _init_state(model)
-    eval_keys = jax.random.split(jax.random.key(100), 16)
+    eval_keys = jax.random.split(getkey(), 16)
 
     def eval_loss(params):
         # the loss at `params` for fixed keys (the step's update is discarded)
         return np.mean([float(step(params, opt_state, x_set, k)[2]["loss"]) for k in eval_keys])
 
     before = eval_loss(params)
-    for key in jax.random.split(jax.random.key(5), OVERFIT_STEPS):
+    for key in jax.random.split(getkey(), OVERFIT_STEPS):
         params, opt_state, _ = step(params, opt_state, x_set, key)
     after = eval_loss(params)
     print(f"overfit: loss {before:.4f} -> {after:.4f} in {OVERFIT_STEPS} steps")
@@ -226,20 +227,20 @@ def test_overfits_real_images(model, train_step):
     assert len(traces) == 1
 
 
-def test_sample_shapes(model):
+def test_sample_shapes(model, getkey):
     support = _random_set(20, (3, *SHAPE))
     run = eqx.filter_jit(lambda m, s, k: m.sample(s, 2, key=k, diffusion_config=DIFFUSION))
-    images = run(model, support, jax.random.key(0))
+    images = run(model, support, getkey())
     assert images.shape == (2, *SHAPE) and images.dtype == jnp.float32
     assert bool(jnp.all(jnp.isfinite(images)))
     assert float(jnp.max(jnp.abs(images))) <= 1.0 + 1e-5  # clip_denoised keeps x_0 in range
 
 
-def test_samples_follow_the_support_set(model):
+def test_samples_follow_the_support_set(model, getkey):
     model = perturb_zeros(model, seed=7)
     run = eqx.filter_jit(lambda m, s, k: m.sample(s, 2, key=k, diffusion_config=DIFFUSION))
     a, b = _random_set(21, (5, *SHAPE)), _random_set(22, (5, *SHAPE))
-    key = jax.random.key(3)
+    key = getkey()
     from_a, from_b = np.asarray(run(model, a, key)), np.asarray(run(model, b, key))
     assert np.abs(from_a - from_b).max() > 1e-3
     proj = model.denoiser.context_proj
@@ -249,7 +250,7 @@ def test_samples_follow_the_support_set(model):
     )
 
 
-def test_parameter_counts_per_subtree(model):
+def test_parameter_counts_per_subtree(model, getkey):
     counts = count_parameters(model)
     assert list(counts) == ["encoder", "posterior", "denoiser", "null_context"]
     assert counts["null_context"] == CONFIG.hdim
@@ -258,14 +259,14 @@ def test_parameter_counts_per_subtree(model):
     h = CONFIG.hdim
     assert counts["posterior"] == (h * h + h) + (h * 2 * h + 2 * h)
     # the same counts from abstract shapes, without allocating
-    assert counts == count_parameters(eqx.filter_eval_shape(FSDM, CONFIG, key=jax.random.key(0)))
+    assert counts == count_parameters(eqx.filter_eval_shape(FSDM, CONFIG, key=getkey()))
 
 
 TIME_CONFIG = dataclasses.replace(CONFIG, encoder_time_token=True)
 
 
-def test_timestep_token_context_follows_each_images_timestep():
-    model = FSDM(TIME_CONFIG, key=jax.random.key(0))
+def test_timestep_token_context_follows_each_images_timestep(getkey):
+    model = FSDM(TIME_CONFIG, key=getkey())
     x_set = _random_set(30)
     contexts = eqx.filter_jit(lambda m, x, t: m.leave_one_out_context(x, t, inference=True).c)
     t = jnp.array([10.0, 200.0, 300.0, 400.0, 500.0, 600.0])
@@ -278,12 +279,12 @@ def test_timestep_token_context_follows_each_images_timestep():
 
 
 @pytest.mark.slow
-def test_timestep_token_loss_and_sampling(schedule):
-    model = FSDM(TIME_CONFIG, key=jax.random.key(0))
+def test_timestep_token_loss_and_sampling(schedule, getkey):
+    model = FSDM(TIME_CONFIG, key=getkey())
     run = eqx.filter_jit(
         lambda m, x, k: m.loss(x, key=k, diffusion_config=DIFFUSION, schedule=schedule)
     )
-    out = run(model, _random_set(31), jax.random.key(1))
+    out = run(model, _random_set(31), getkey())
     assert bool(jnp.isfinite(out["loss"])) and out["context"].shape == (NS, CONFIG.hdim)
     for sampler in ("ddpm", "ddim", "ode"):
         config = dataclasses.replace(DIFFUSION, sampler=sampler)
@@ -292,7 +293,7 @@ def test_timestep_token_loss_and_sampling(schedule):
         def sample(m, support, key, config=config):
             return m.sample(support, 2, key=key, diffusion_config=config)
 
-        images = sample(model, _random_set(32, (2, *SHAPE)), jax.random.key(2))
+        images = sample(model, _random_set(32, (2, *SHAPE)), getkey())
         assert images.shape == (2, *SHAPE) and bool(jnp.all(jnp.isfinite(images)))
 
 

@@ -8,34 +8,25 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fsdm_eqx.config import model_preset
 from fsdm_eqx.nn import FSDM, UNet
-from tests.helpers import perturb_zeros
+from tests.helpers import perturb_zeros, small_unet
 
-CONFIG = dataclasses.replace(
-    model_preset("smoke"),
-    denoiser="unet",
-    unet_model_channels=32,
-    unet_channel_mult=(1, 2),
-    unet_num_res_blocks=1,
-    unet_attention_resolutions=(16,),
-    unet_num_heads=2,
-    unet_dropout=0.0,
-)
+CONFIG = small_unet()
 
 
 @pytest.mark.parametrize("conditioning", ["film", "lag"])
-def test_unet_predictions_are_leave_one_out(conditioning: str) -> None:
+def test_unet_predictions_are_leave_one_out(conditioning: str, getkey) -> None:
     config = (
         CONFIG
         if conditioning == "film"
         else dataclasses.replace(CONFIG, conditioning="lag", pooling="mean_patch")
     )
-    model = perturb_zeros(FSDM(config, key=jax.random.key(0)))
+    model = perturb_zeros(FSDM(config, key=getkey()))
     assert isinstance(model.denoiser, UNet)
     ns, shape = config.ns, (config.channels, config.image_size, config.image_size)
-    x_set = jax.random.uniform(jax.random.key(2), (ns, *shape), minval=-1, maxval=1)
-    noisy = jax.random.normal(jax.random.key(3), (ns, *shape))  # fixed inputs, independent of x_set
+    x_set = jax.random.uniform(getkey(), (ns, *shape), minval=-1, maxval=1)
+    noisy = jax.random.normal(getkey(), (ns, *shape))  # fixed inputs, independent of x_set
+    cotangent_key = getkey()
     t = jnp.full((ns,), 500.0)
 
     @eqx.filter_jit
@@ -48,7 +39,7 @@ def test_unet_predictions_are_leave_one_out(conditioning: str) -> None:
 
         out, vjp = jax.vjp(predictions, x_set)
         mask = jnp.eye(ns).reshape(ns, ns, 1, 1, 1)
-        cotangents = jax.random.normal(jax.random.key(4), (ns, *out.shape)) * mask
+        cotangents = jax.random.normal(cotangent_key, (ns, *out.shape)) * mask
         # One VJP per prediction. (Batching these VJPs with vmap under jit gave wrong values on
         # XLA:CPU with jax 0.10.2, while eager, looped and jitted-grad versions agree.)
         return jnp.stack([vjp(cotangents[i])[0] for i in range(ns)])

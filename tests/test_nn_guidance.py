@@ -57,9 +57,9 @@ def _by_hand(model, support, key, config, eps_of):
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "ode"])
-def test_guided_samplers_match_the_mix_built_by_hand(model, sampler):
+def test_guided_samplers_match_the_mix_built_by_hand(model, sampler, getkey):
     config = dataclasses.replace(BASE, sampler=sampler)
-    support, key = _support(), jax.random.key(8)
+    support, key = _support(), getkey()
 
     @eqx.filter_jit
     def run(model, w):
@@ -83,8 +83,8 @@ def test_guided_samplers_match_the_mix_built_by_hand(model, sampler):
     assert not np.allclose(np.asarray(plain), np.asarray(null), atol=1e-3)
 
 
-def test_guidance_scale_defaults_to_the_diffusion_config(model):
-    support, key = _support(), jax.random.key(9)
+def test_guidance_scale_defaults_to_the_diffusion_config(model, getkey):
+    support, key = _support(), getkey()
     config = dataclasses.replace(BASE, sampler="ddim", guidance_scale=3.0)
     run = eqx.filter_jit(lambda m, c, w: m.sample(support, 2, key=key, diffusion_config=c,
                                                   guidance_scale=w))  # fmt: skip
@@ -94,8 +94,9 @@ def test_guidance_scale_defaults_to_the_diffusion_config(model):
     )
 
 
-def test_null_context_is_seen_at_the_configured_rate(model):
-    sets = jax.random.uniform(jax.random.key(10), (150, CONFIG.ns, *SHAPE), minval=-1, maxval=1)
+def test_null_context_is_seen_at_the_configured_rate(model, getkey):
+    sets = jax.random.uniform(getkey(), (150, CONFIG.ns, *SHAPE), minval=-1, maxval=1)
+    keys = jax.random.split(getkey(), len(sets))
     schedule = diffusion.make_schedule(BASE.schedule, BASE.num_steps)
 
     @eqx.filter_jit
@@ -104,7 +105,7 @@ def test_null_context_is_seen_at_the_configured_rate(model):
             return model.loss(x, key=k, diffusion_config=BASE, schedule=schedule,
                               inference=inference)["context"]  # fmt: skip
 
-        contexts = jax.vmap(one)(sets, jax.random.split(jax.random.key(11), len(sets)))
+        contexts = jax.vmap(one)(sets, keys)
         return jnp.all(contexts == model.null_context[None, None], axis=-1)
 
     is_null = np.asarray(seen(model, False))
@@ -114,11 +115,11 @@ def test_null_context_is_seen_at_the_configured_rate(model):
     assert not np.asarray(seen(model, True)).any()  # evaluation never drops the context
 
 
-def test_guidance_needs_a_null_context():
-    plain = FSDM(dataclasses.replace(CONFIG, null_context_prob=0.0), key=jax.random.key(0))
+def test_guidance_needs_a_null_context(getkey):
+    plain = FSDM(dataclasses.replace(CONFIG, null_context_prob=0.0), key=getkey())
     assert plain.null_context is None
     with pytest.raises(ValueError, match="null_context_prob"):
-        plain.sample(_support(), 1, key=jax.random.key(0), diffusion_config=BASE,
+        plain.sample(_support(), 1, key=getkey(), diffusion_config=BASE,
                      guidance_scale=2.0)  # fmt: skip
     with pytest.raises(ValueError, match="guidance_scale"):
         DiffusionConfig(guidance_scale=-1.0)

@@ -11,19 +11,13 @@ import equinox as eqx
 import jax
 import numpy as np
 
-from fsdm_eqx.config import DiffusionConfig, model_preset
+from fsdm_eqx.config import DiffusionConfig
 from fsdm_eqx.nn import FSDM, UNet
 from fsdm_eqx.train import fsdm_loss_fn
-from tests.helpers import perturb_zeros
+from tests.helpers import perturb_zeros, small_unet
 
-NOISY = dataclasses.replace(
-    model_preset("smoke"),
-    denoiser="unet",
-    unet_model_channels=32,
-    unet_channel_mult=(1, 2),
-    unet_num_res_blocks=1,
+NOISY = small_unet(
     unet_attention_resolutions=(),
-    unet_num_heads=2,
     unet_dropout=0.9,
     encoder_dropout=0.9,
     null_context_prob=0.5,
@@ -69,10 +63,10 @@ def test_evaluation_loss_has_no_dropout_and_no_null_context() -> None:
     assert abs(float(trained) - float(reference)) > 1e-3 * abs(float(reference))
 
 
-def test_evaluation_mode_uses_the_posterior_mean() -> None:
+def test_evaluation_mode_uses_the_posterior_mean(getkey) -> None:
     config = dataclasses.replace(NOISY, variational=True)
-    model = perturb_zeros(FSDM(config, key=jax.random.key(0)))
-    x_set = _set(config, jax.random.key(2))
+    model = perturb_zeros(FSDM(config, key=getkey()))
+    x_set = _set(config, getkey())
     evaluated = eqx.nn.inference_mode(model).leave_one_out_context(x_set, key=jax.random.key(4))
     again = eqx.nn.inference_mode(model).leave_one_out_context(x_set, key=jax.random.key(5))
     sampled = model.leave_one_out_context(x_set, key=jax.random.key(4))
@@ -81,10 +75,10 @@ def test_evaluation_mode_uses_the_posterior_mean() -> None:
     assert not np.allclose(np.asarray(sampled.c), np.asarray(evaluated.c))
 
 
-def test_an_explicit_argument_overrides_the_mode() -> None:
-    model = perturb_zeros(FSDM(NOISY, key=jax.random.key(0)))
-    x_set = _set(NOISY, jax.random.key(2))
-    key = jax.random.key(3)
+def test_an_explicit_argument_overrides_the_mode(getkey) -> None:
+    model = perturb_zeros(FSDM(NOISY, key=getkey()))
+    x_set = _set(NOISY, getkey())
+    key = getkey()
     explicit = model.leave_one_out_context(x_set, key=key, inference=True).c
     by_mode = eqx.nn.inference_mode(model).leave_one_out_context(x_set, key=key).c
     forced_training = (

@@ -35,11 +35,11 @@ def test_kl_matches_monte_carlo():
     assert np.all(np.abs(kl - mc) < 5 * se + 1e-4), (kl, mc, se)
 
 
-def test_posterior_head_and_reparameterisation():
-    post = GaussianPosterior(6, key=jax.random.key(0))
+def test_posterior_head_and_reparameterisation(getkey):
+    post = GaussianPosterior(6, key=getkey())
     mu, logvar = post(jnp.ones(6))
     assert mu.shape == logvar.shape == (6,)
-    keys = jax.random.split(jax.random.key(1), 20_000)
+    keys = jax.random.split(getkey(), 20_000)
     mu0, logvar0 = jnp.array([1.0, -2.0]), jnp.array([0.0, -1.0])
     z = np.asarray(jax.vmap(lambda k: reparameterize(mu0, logvar0, key=k))(keys))
     np.testing.assert_allclose(z.mean(0), [1.0, -2.0], atol=0.03)

@@ -202,8 +202,8 @@ def channels_first(x: jax.Array) -> np.ndarray:
     return np.moveaxis(np.asarray(x), -1, 0)
 
 
-def test_res_block_matches_numpy():
-    block = perturb(_ResBlock(32, 64, 24, 0.3, key=jax.random.key(3)))
+def test_res_block_matches_numpy(getkey):
+    block = perturb(_ResBlock(32, 64, 24, 0.3, key=getkey()))
     x = np.random.default_rng(0).standard_normal((32, 4, 4)).astype(np.float32)
     cond = np.random.default_rng(1).standard_normal(24).astype(np.float32)
     got = channels_first(block(channels_last(x), jnp.asarray(cond), key=None, inference=True))
@@ -214,10 +214,10 @@ def test_res_block_matches_numpy():
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
 
 
-def test_self_attention_matches_guided_diffusion_layout():
+def test_self_attention_matches_guided_diffusion_layout(getkey):
     """Heads split before q/k/v, as guided diffusion's legacy attention (channels-first there)."""
     heads, ch = 2, 64
-    block = perturb(_SelfAttention(ch, heads, key=jax.random.key(4)))
+    block = perturb(_SelfAttention(ch, heads, key=getkey()))
     x = np.random.default_rng(0).standard_normal((ch, 4, 4)).astype(np.float32)
     got = channels_first(block(channels_last(x)))
     h = np_group_norm(x, block.norm, 1e-5).reshape(ch, -1)
@@ -230,17 +230,17 @@ def test_self_attention_matches_guided_diffusion_layout():
     np.testing.assert_allclose(np.asarray(got), x + out.reshape(x.shape), rtol=1e-4, atol=1e-4)
 
 
-def test_cross_attention_matches_numpy():
-    attn = _MultiHeadAttention(64, 16, 4, key=jax.random.key(5))
+def test_cross_attention_matches_numpy(getkey):
+    attn = _MultiHeadAttention(64, 16, 4, key=getkey())
     x = np.random.default_rng(0).standard_normal((10, 64)).astype(np.float32)
     kv = np.random.default_rng(1).standard_normal((3, 16)).astype(np.float32)
     got = attn(jnp.asarray(x), jnp.asarray(kv))
     np.testing.assert_allclose(np.asarray(got), np_mha(x, kv, attn, 4), rtol=1e-4, atol=1e-4)
 
 
-def test_spatial_transformer_matches_numpy():
+def test_spatial_transformer_matches_numpy(getkey):
     ch, heads = 64, 2
-    block = perturb(_SpatialTransformer(ch, 16, heads, key=jax.random.key(6)))
+    block = perturb(_SpatialTransformer(ch, 16, heads, key=getkey()))
     x = np.random.default_rng(0).standard_normal((ch, 4, 4)).astype(np.float32)
     ctx = np.random.default_rng(1).standard_normal((3, 16)).astype(np.float32)
     got = channels_first(block(channels_last(x), jnp.asarray(ctx)))
@@ -264,10 +264,10 @@ def test_is_a_denoiser():
 
 
 @pytest.mark.parametrize("conditioning", ["film", "lag"])
-def test_conditioning_reaches_every_block(conditioning):
+def test_conditioning_reaches_every_block(conditioning, getkey):
     model = eqx.filter_eval_shape(
         lambda key: UNet(**TINY, conditioning=conditioning, image_size=SIZE, key=key),
-        jax.random.key(0),
+        getkey(),
     )
     # tiny UNet: 2 down + 2 middle + 4 up residual blocks; attention at 4x4 (1 down, 2 up) + middle
     assert len(submodules(model, _ResBlock)) == 8
@@ -277,11 +277,11 @@ def test_conditioning_reaches_every_block(conditioning):
     assert film_in == {4 * 32 + (CTX if conditioning == "film" else 0)}
 
 
-def test_zero_output_and_zero_gradient_at_init(pair, batch):
+def test_zero_output_and_zero_gradient_at_init(pair, batch, getkey):
     conditioning, model, _ = pair
     x, t, target = batch
     ctx = context_for(conditioning, 3)
-    out, loss, g_model, g_ctx = run(model, x, t, ctx, target, jax.random.key(4), False)
+    out, loss, g_model, g_ctx = run(model, x, t, ctx, target, getkey(), False)
     assert out.shape == (BATCH, C_OUT, SIZE, SIZE)
     assert out.dtype == jnp.float32
     assert np.all(np.asarray(out) == 0.0)
@@ -293,11 +293,11 @@ def test_zero_output_and_zero_gradient_at_init(pair, batch):
     np.testing.assert_allclose(float(loss), float(jnp.mean(target**2)), rtol=1e-6)
 
 
-def test_context_reaches_the_output_after_perturbation(pair, batch):
+def test_context_reaches_the_output_after_perturbation(pair, batch, getkey):
     conditioning, _, model = pair
     x, t, target = batch
     ctx = context_for(conditioning, 3)
-    out, _, _, g_ctx = run(model, x, t, ctx, target, jax.random.key(4), False)
+    out, _, _, g_ctx = run(model, x, t, ctx, target, getkey(), False)
     assert np.all(np.isfinite(np.asarray(out)))
     assert np.abs(np.asarray(out)).mean() > 1e-3
     assert g_ctx.shape == ctx.shape
@@ -326,11 +326,11 @@ def cut_context(model: UNet) -> UNet:
     )
 
 
-def test_context_changes_output_unless_its_weights_are_zero(pair, batch):
+def test_context_changes_output_unless_its_weights_are_zero(pair, batch, getkey):
     conditioning, _, model = pair
     x, t, target = batch
     c1, c2 = context_for(conditioning, 7), context_for(conditioning, 8)
-    key = jax.random.key(9)
+    key = getkey()
     y1, y2 = (np.asarray(run(model, x, t, c, target, key, False)[0]) for c in (c1, c2))
     assert np.abs(y1 - y2).max() > 1e-4
     cut = cut_context(model)
@@ -370,13 +370,13 @@ def test_dropout_key_matters_only_in_training(batch):
     assert np.abs(a - c).max() > 1e-4
 
 
-def test_odd_image_size_is_padded_and_cropped(batch):
+def test_odd_image_size_is_padded_and_cropped(batch, getkey):
     """A 7x7 UNet equals the 8x8 one (same weights) on the zero-padded image, cropped."""
     x, t, _ = batch
     m7, m8 = perturb(tiny("film", image_size=7)), perturb(tiny("film"))
     ctx = context_for("film", 3)
     x7 = x[:, :, :7, :7]
-    key = jax.random.key(0)
+    key = getkey()
     got = forward(m7, x7, t, ctx, None, True)  # no key needed in inference
     assert got.shape == (BATCH, C_OUT, 7, 7)
     want = forward(m8, jnp.pad(x7, ((0, 0), (0, 0), (0, 1), (0, 1))), t, ctx, key, True)
@@ -391,12 +391,12 @@ def cifar_batch() -> jax.Array:
     return jnp.asarray(images.transpose(0, 3, 1, 2))
 
 
-def test_overfits_two_real_images():
+def test_overfits_two_real_images(getkey):
     """Epsilon-prediction on two fixed noisy CIFAR images: Adam drives the loss far down."""
     x0 = cifar_batch()
     model = tiny("film")
     ctx = context_for("film", 3)
-    eps = jax.random.normal(jax.random.key(10), x0.shape)
+    eps = jax.random.normal(getkey(), x0.shape)
     t = jnp.array([50.0, 400.0])
     betas = np.linspace(1e-4, 0.02, 1000)
     abar = jnp.asarray(np.cumprod(1 - betas)[[50, 400]], jnp.float32)[:, None, None, None]
@@ -411,8 +411,8 @@ def test_overfits_two_real_images():
         return eqx.apply_updates(model, updates), state
 
     losses = []
-    for i in range(60):
-        _, loss, grads, _ = run(model, x_t, t, ctx, eps, jax.random.key(100 + i), False)
+    for _ in range(60):
+        _, loss, grads, _ = run(model, x_t, t, ctx, eps, getkey(), False)
         model, state = update(model, grads, state)
         losses.append(float(loss))
     assert losses[0] == pytest.approx(float(jnp.mean(eps**2)), rel=1e-6)
@@ -465,9 +465,9 @@ def reference_count(conditioning: str) -> int:
 
 
 @pytest.mark.parametrize("conditioning", ["film", "lag"])
-def test_paper_configuration_parameter_count(conditioning):
+def test_paper_configuration_parameter_count(conditioning, getkey):
     model = eqx.filter_eval_shape(
-        lambda key: UNet(**PAPER, conditioning=conditioning, key=key), jax.random.key(0)
+        lambda key: UNet(**PAPER, conditioning=conditioning, key=key), getkey()
     )
     assert reference_count("film") == REFERENCE_UNET_PARAMS
     assert n_params(model) == reference_count(conditioning)
@@ -491,11 +491,11 @@ def test_paper_configuration_parameter_count(conditioning):
         ({"channel_mult": ()}, "channel_mult"),
     ],
 )
-def test_bad_configuration_is_one_readable_error(change, match):
+def test_bad_configuration_is_one_readable_error(change, match, getkey):
     kwargs = {**TINY, "conditioning": "film", "image_size": SIZE, **change}
     # beartype (the test-time type checker) rejects a value outside the Literal first
     with pytest.raises((ValueError, TypeCheckError), match=match):
-        UNet(**kwargs, key=jax.random.key(0))
+        UNet(**kwargs, key=getkey())
 
 
 def test_bad_call_is_one_readable_error(pair, batch):

@@ -135,14 +135,14 @@ def test_svit_tokens_stack_the_set_on_channels_as_the_reference():
             np.testing.assert_allclose(tokens[0, r * grid + c], weight @ v + bias, atol=1e-4)
 
 
-def test_svit_reads_sets_of_its_size_only(x_set):
+def test_svit_reads_sets_of_its_size_only(x_set, getkey):
     enc = _encoder("svit", "mean")
     with pytest.raises(ValueError, match="set_size=3"):
         enc(x_set[:2], inference=True)
     with pytest.raises(ValueError, match="set_size"):
         SetTokenEncoder(
             image_size=SIZE, channels=CH, set_size=0, patch_size=PATCH, dim=8, depth=1,
-            num_heads=1, head_dim=8, mlp_dim=8, hdim=8, key=jax.random.key(0),
+            num_heads=1, head_dim=8, mlp_dim=8, hdim=8, key=getkey(),
         )  # fmt: skip
 
 
@@ -199,17 +199,17 @@ def test_timestep_token(x_set):
     assert weights.shape[-1] == layout.shape[0]
 
 
-def test_dropout_is_used_in_training(x_set):
+def test_dropout_is_used_in_training(x_set, getkey):
     enc = _encoder("svit", "mean", dropout=0.5)
-    a = enc(x_set, key=jax.random.key(1))
-    b = enc(x_set, key=jax.random.key(2))
+    a = enc(x_set, key=getkey())
+    b = enc(x_set, key=getkey())
     assert not np.allclose(np.asarray(a), np.asarray(b))
     np.testing.assert_array_equal(
         np.asarray(enc(x_set, inference=True)), np.asarray(enc(x_set, inference=True))
     )
 
 
-def test_wrong_shapes_are_rejected(x_set):
+def test_wrong_shapes_are_rejected(x_set, getkey):
     enc = _encoder("vit", "mean")
     with pytest.raises(jaxtyping.TypeCheckError):
         enc(x_set[0], inference=True)
@@ -224,7 +224,7 @@ def test_wrong_shapes_are_rejected(x_set):
             head_dim=8,
             mlp_dim=8,
             hdim=8,
-            key=jax.random.key(0),
+            key=getkey(),
         )
 
 

@@ -1,8 +1,6 @@
 """The sampling entry point: support images read at any size and mode, checkpoint loading, the
 generated PNGs against the model called directly, and one-sentence errors."""
 
-from __future__ import annotations
-
 import dataclasses
 from pathlib import Path
 

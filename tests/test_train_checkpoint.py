@@ -200,7 +200,7 @@ def test_checkpoint_of_an_older_format_is_one_error(state, tmp_path):
     assert "format 1" in _one_sentence(error, path / "state.eqx")
 
 
-def test_incompatible_model(state, tmp_path):
+def test_incompatible_model(state, tmp_path, getkey):
     path = save_checkpoint(tmp_path, state, metadata={})
 
     class WiderModel(eqx.Module):
@@ -212,7 +212,7 @@ def test_incompatible_model(state, tmp_path):
             self.encoder = eqx.nn.Linear(4, 5, key=k1)
             self.denoiser = eqx.nn.Linear(4 + 5, 4, key=k2)
 
-    key = jax.random.key(0)
+    key = getkey()
     other = init_train_state(WiderModel(key), OPTIM, key=key, total_steps=10)
     with pytest.raises(CheckpointError) as error:
         restore_checkpoint(tmp_path, like=other)

@@ -22,75 +22,25 @@ from fsdm_eqx.train import (
     CheckpointError,
     NonFiniteError,
     TrainState,
-    init_train_state,
     latest_checkpoint,
-    make_train_step,
     restore_checkpoint,
     train,
 )
-from tests.train_fixtures import TinyModel, tiny_loss
+from tests.helpers import RecordingSink
+from tests.train_fixtures import TOTAL_STEPS, fresh_state, loop_batch, make_tiny_step
 
-OPTIM = OptimConfig(lr=1e-2, ema_start=0, ema_every=1, ema_decay=0.9)
-TOTAL = 20
 REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-class RecordingSink:
-    def __init__(self) -> None:
-        self.logs: list[tuple[int, dict[str, float]]] = []
-        self.images: list[tuple[int, dict[str, np.ndarray]]] = []
-        self.histograms: list[tuple[int, dict[str, np.ndarray]]] = []
-        self.tables: list[tuple[int, str, list[str], list[list[float | int | str]]]] = []
-        self.closed = False
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        self.logs.append((step, dict(metrics)))
-
-    def log_images(self, images: dict[str, np.ndarray], step: int) -> None:
-        self.images.append((step, images))
-
-    def log_histograms(self, values: dict[str, np.ndarray], step: int) -> None:
-        self.histograms.append((step, values))
-
-    def log_table(
-        self, name: str, columns: list[str], rows: list[list[float | int | str]], step: int
-    ) -> None:
-        self.tables.append((step, name, columns, rows))
-
-    def log_confusion_matrix(
-        self, name: str, classes: list[str], counts: np.ndarray, step: int
-    ) -> None:
-        self.tables.append((step, name, classes, counts))
-
-    def close(self) -> None:
-        self.closed = True
-
-
-def batch_fn(step: int) -> np.ndarray:
-    return np.random.default_rng([0, step]).normal(size=(8, 5, 4)).astype(np.float32)
 
 
 def nan_at(bad_step: int):
     def fn(step: int) -> np.ndarray:
-        batch = batch_fn(step)
+        batch = loop_batch(step)
         return batch * np.float32(np.nan) if step == bad_step else batch
 
     return fn
 
 
-@pytest.fixture(scope="module")
-def step_fn():
-    return make_train_step(tiny_loss, OPTIM, total_steps=TOTAL)
-
-
-def fresh_state() -> TrainState:
-    key = jax.random.key(0)
-    return init_train_state(
-        TinyModel(key), OPTIM, key=jax.random.fold_in(key, 1), total_steps=TOTAL
-    )
-
-
-def run(tmp_path, step_fn, batches=batch_fn, sink=None, eval_fn=None, hooks=None, **overrides):
+def run(tmp_path, step_fn, batches=loop_batch, sink=None, eval_fn=None, hooks=None, **overrides):
     fields = (
         dict(
             run_dir=str(tmp_path),
@@ -213,15 +163,12 @@ COSINE = OptimConfig(lr=1e-2, lr_schedule="cosine", ema_start=0, ema_every=1)
 
 def _cosine_lrs(run_dir: pathlib.Path, num_steps: int, total_steps: int) -> dict[int, float]:
     """The logged learning rate of each step of a cosine run as the main job builds it."""
-    key = jax.random.key(0)
-    state = init_train_state(
-        TinyModel(key), COSINE, key=jax.random.fold_in(key, 1), total_steps=total_steps
-    )
+    state = fresh_state(COSINE, total_steps)
     sink = RecordingSink()
     train(
         state,
-        make_train_step(tiny_loss, COSINE, total_steps=total_steps),
-        batch_fn,
+        make_tiny_step(COSINE, total_steps),
+        loop_batch,
         config=RunConfig(
             run_dir=str(run_dir),
             num_steps=num_steps,
@@ -327,7 +274,7 @@ def test_early_stopping_on_eval_loss(tmp_path, step_fn, capsys):
         tmp_path,
         step_fn,
         eval_fn=lambda state: {"eval_loss": next(losses)},
-        num_steps=TOTAL,
+        num_steps=TOTAL_STEPS,
         eval_every=2,
         save_every=0,
         early_stopping_patience=3,
@@ -343,12 +290,12 @@ def test_early_stopping_on_eval_loss(tmp_path, step_fn, capsys):
         "evals_without_improvement": 3,
     }
     # Restarted on the same directory, the run stays stopped.
-    again = run(tmp_path, step_fn, num_steps=TOTAL, save_every=0, early_stopping_patience=3)
+    again = run(tmp_path, step_fn, num_steps=TOTAL_STEPS, save_every=0, early_stopping_patience=3)
     assert int(again.step) == 10
     assert "stopped early at step 10" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("min_delta", "stop"), [(0.1, 6), (0.0, TOTAL)])
+@pytest.mark.parametrize(("min_delta", "stop"), [(0.1, 6), (0.0, TOTAL_STEPS)])
 def test_early_stopping_needs_an_improvement_above_min_delta(tmp_path, step_fn, min_delta, stop):
     # 2.95 and 2.91 improve on 3.0 by less than 0.1: with min_delta=0.1 they do not count.
     losses = iter([3.0, 2.95, 2.91, 2.9, 2.89, 2.88, 2.87, 2.86, 2.85, 2.84])
@@ -356,7 +303,7 @@ def test_early_stopping_needs_an_improvement_above_min_delta(tmp_path, step_fn, 
         tmp_path,
         step_fn,
         eval_fn=lambda state: {"eval_loss": next(losses)},
-        num_steps=TOTAL,
+        num_steps=TOTAL_STEPS,
         eval_every=2,
         save_every=0,
         early_stopping_patience=2,

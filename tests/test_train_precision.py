@@ -18,23 +18,14 @@ import pytest
 from fsdm_eqx.config import DiffusionConfig, ModelConfig, OptimConfig, model_preset
 from fsdm_eqx.nn import FSDM, DiT
 from fsdm_eqx.train import cast_floating, fsdm_loss_fn, init_train_state, make_train_step
-from tests.helpers import perturb_zeros
+from tests.helpers import perturb_zeros, small_unet
 
 TINY = dataclasses.replace(
     model_preset("smoke"), image_size=16, encoder_patch_size=8, dit_patch_size=4, ns=3
 )
 CONFIGS = {
     "dit": TINY,
-    "unet": dataclasses.replace(
-        TINY,
-        denoiser="unet",
-        unet_model_channels=32,
-        unet_channel_mult=(1, 2),
-        unet_num_res_blocks=1,
-        unet_attention_resolutions=(8,),
-        unet_num_heads=2,
-        unet_dropout=0.0,
-    ),
+    "unet": small_unet(TINY, unet_attention_resolutions=(8,)),
 }
 CONFIGS["unet_time_token"] = dataclasses.replace(CONFIGS["unet"], encoder_time_token=True)
 DIFFUSION = DiffusionConfig(num_steps=100, sampling_steps=4)
@@ -104,10 +95,10 @@ def test_bfloat16_loss_is_close_to_float32(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", ["dit", "unet", "unet_time_token"])
-def test_bfloat16_step_multiplies_in_bfloat16_only(name: str) -> None:
+def test_bfloat16_step_multiplies_in_bfloat16_only(name: str, getkey) -> None:
     optim = OptimConfig(lr=1e-3, precision="bfloat16")
     state = eqx.filter_eval_shape(
-        init_train_state, _abstract_model(name), optim, key=jax.random.key(4), total_steps=10
+        init_train_state, _abstract_model(name), optim, key=getkey(), total_steps=10
     )
     step = make_train_step(LOSS_FN, optim, total_steps=10)
     jaxpr = eqx.filter_make_jaxpr(step)(state, _batch(name))[0].jaxpr
@@ -120,13 +111,13 @@ def test_bfloat16_step_multiplies_in_bfloat16_only(name: str) -> None:
 
 
 @pytest.mark.slow
-def test_bfloat16_steps_train_and_keep_float32_state() -> None:
+def test_bfloat16_steps_train_and_keep_float32_state(getkey) -> None:
     name = "dit"
     batch = _batch(name)
     model = jax.tree_util.tree_map(lambda x: x.copy() if eqx.is_array(x) else x, _model(name))
     before = float(batch_loss(model, batch, KEYS))
     optim = OptimConfig(lr=3e-3, precision="bfloat16")
-    state = init_train_state(model, optim, key=jax.random.key(4), total_steps=8)
+    state = init_train_state(model, optim, key=getkey(), total_steps=8)
     step = make_train_step(LOSS_FN, optim, total_steps=8)
     for _ in range(8):
         state, metrics = step(state, batch)

@@ -11,10 +11,10 @@ import pytest
 
 from fsdm_eqx.config import OptimConfig
 from fsdm_eqx.instrument import context_statistics, subtree_norms
-from fsdm_eqx.train import init_train_state, learning_rate_schedule, make_train_step
+from fsdm_eqx.train import learning_rate_schedule, make_train_step
 from fsdm_eqx.train.step import grad_param_ratios
 from tests.train_fixtures import (
-    TinyModel,
+    fresh_state,
     tiny_batches,
     tiny_context,
     tiny_loss,
@@ -30,9 +30,7 @@ def cached_step(loss_fn, config: OptimConfig, total_steps: int):
 
 
 def run(config: OptimConfig, steps: int = 3, loss_fn=tiny_loss, total_steps: int = 100):
-    state = init_train_state(
-        TinyModel(jax.random.key(0)), config, key=jax.random.key(1), total_steps=total_steps
-    )
+    state = fresh_state(config, total_steps)
     step = cached_step(loss_fn, config, total_steps)
     initial = jax.tree_util.tree_map(lambda x: x.copy() if isinstance(x, jax.Array) else x, state)
     history = []
@@ -143,9 +141,7 @@ def test_warmup_then_schedule(schedule: str) -> None:
 
 def test_ema_copies_then_averages() -> None:
     config = OptimConfig(lr=1e-2, ema_decay=0.9, ema_start=2, ema_every=1)
-    initial = init_train_state(
-        TinyModel(jax.random.key(0)), config, key=jax.random.key(1), total_steps=10
-    )
+    initial = fresh_state(config, 10)
     step = make_train_step(tiny_loss, config, total_steps=10)
     batches = tiny_batches(3)
     s1, _ = step(initial, jnp.asarray(batches[0]))
@@ -175,9 +171,7 @@ def test_nonfinite_loss_skips_the_update() -> None:
         return jnp.where(bad, jnp.nan, loss), aux
 
     config = OptimConfig(lr=1e-2, skip_nonfinite=True)
-    state = init_train_state(
-        TinyModel(jax.random.key(0)), config, key=jax.random.key(1), total_steps=10
-    )
+    state = fresh_state(config, 10)
     before = jax.tree_util.tree_map(lambda x: x.copy() if isinstance(x, jax.Array) else x, state)
     step = make_train_step(poisoned, config, total_steps=10)
     batch = jnp.asarray(tiny_batches(1)[0]).at[0, 0, 0].set(1e3)
@@ -328,9 +322,7 @@ def _optax_counts(opt_state) -> set[int]:
 def test_logged_lr_is_the_one_optax_applies_after_a_skipped_step() -> None:
     config = OptimConfig(lr=1e-2, warmup_steps=4, skip_nonfinite=True)
     schedule = learning_rate_schedule(config, total_steps=10)
-    state = init_train_state(
-        TinyModel(jax.random.key(0)), config, key=jax.random.key(1), total_steps=10
-    )
+    state = fresh_state(config, 10)
     step = make_train_step(_poisoned, config, total_steps=10)
     batches = [jnp.asarray(b) for b in tiny_batches(4)]
     batches[1] = batches[1].at[0, 0, 0].set(1e3)
@@ -349,9 +341,7 @@ def test_logged_lr_is_the_one_optax_applies_after_a_skipped_step() -> None:
 
 def test_update_norm_of_a_skipped_step_is_zero() -> None:
     config = OptimConfig(lr=1e-2, skip_nonfinite=True)
-    state = init_train_state(
-        TinyModel(jax.random.key(0)), config, key=jax.random.key(1), total_steps=10
-    )
+    state = fresh_state(config, 10)
     step = make_train_step(_poisoned, config, total_steps=10)
     batch = jnp.asarray(tiny_batches(1)[0])
     _, metrics = step(state, batch.at[0, 0, 0].set(1e3))
@@ -363,9 +353,7 @@ def test_update_norm_of_a_skipped_step_is_zero() -> None:
 def test_first_update_after_a_skip_moves_by_the_logged_lr() -> None:
     """Adam's first update is about lr per coordinate: the parameters show the lr applied."""
     config = OptimConfig(lr=1e-3, lr_schedule="cosine", skip_nonfinite=True)
-    state = init_train_state(
-        TinyModel(jax.random.key(0)), config, key=jax.random.key(1), total_steps=2
-    )
+    state = fresh_state(config, 2)
     step = make_train_step(_poisoned, config, total_steps=2)
     batch = jnp.asarray(tiny_batches(1)[0])
     state, _ = step(state, batch.at[0, 0, 0].set(1e3))
@@ -396,7 +384,7 @@ def test_step_decay_follows_its_formula() -> None:
         assert float(lr(count)) == pytest.approx(expected, rel=1e-6), count
 
 
-def _loss_read_from_batch(model: TinyModel, x_set, key, *, context_offset=None):
+def _loss_read_from_batch(model, x_set, key, *, context_offset=None):
     """A loss whose value is the set's first entry: the test dictates the loss of every step."""
     del key
     context = tiny_context(model, x_set)
@@ -435,9 +423,7 @@ def test_plateau_reduces_the_lr_when_the_training_loss_stalls() -> None:
         lr=1e-2, lr_schedule="plateau", lr_decay_factor=0.5, plateau_window=2, plateau_patience=2
     )
     batches = [np.full((1, 5, 4), value, np.float32) for value in losses]
-    state = init_train_state(
-        TinyModel(jax.random.key(0)), config, key=jax.random.key(1), total_steps=len(losses)
-    )
+    state = fresh_state(config, total_steps=len(losses))
     step = make_train_step(_loss_read_from_batch, config, total_steps=len(losses))
     logged = []
     for batch in batches:

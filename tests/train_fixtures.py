@@ -1,9 +1,19 @@
-"""A tiny two-subtree model and its per-set loss, shared by the training tests and scripts."""
+"""A tiny two-subtree model, its per-set loss, its training state, step and batches, shared by
+the training tests and scripts."""
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from fsdm_eqx.config import OptimConfig
+from fsdm_eqx.train import TrainState, init_train_state, make_train_step
+from fsdm_eqx.train.step import StepFn
+
+OPTIM = OptimConfig(lr=1e-2, ema_start=0, ema_every=1, ema_decay=0.9)
+"""A constant learning rate, and an EMA from the first step."""
+TOTAL_STEPS = 20
+"""The schedule's horizon in `fresh_state` and `make_tiny_step`; the tests' runs are shorter."""
 
 
 class TinyModel(eqx.Module):
@@ -52,3 +62,22 @@ def tiny_loss(model: TinyModel, x_set, key, *, context_offset=None):
 def tiny_batches(num: int, batch: int = 8, seed: int = 0) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     return [rng.normal(size=(batch, 5, 4)).astype(np.float32) for _ in range(num)]
+
+
+def loop_batch(step: int, seed: int = 0) -> np.ndarray:
+    """The batch of one step of a run, ``(8, 5, 4)``: the same for the same step and seed, so
+    that a resumed run sees the batches a straight run saw."""
+    return np.random.default_rng([seed, step]).normal(size=(8, 5, 4)).astype(np.float32)
+
+
+def fresh_state(optim: OptimConfig = OPTIM, total_steps: int = TOTAL_STEPS) -> TrainState:
+    """The tiny model's training state before its first step, the same at every call."""
+    key = jax.random.key(0)
+    return init_train_state(
+        TinyModel(key), optim, key=jax.random.fold_in(key, 1), total_steps=total_steps
+    )
+
+
+def make_tiny_step(optim: OptimConfig = OPTIM, total_steps: int = TOTAL_STEPS) -> StepFn:
+    """The jitted training step of ``tiny_loss``."""
+    return make_train_step(tiny_loss, optim, total_steps=total_steps)

@@ -6,8 +6,6 @@ unpickler that refuses every global except numpy's array reconstruction, so a ta
 cannot run code.
 """
 
-from __future__ import annotations
-
 import codecs
 import io
 import os

@@ -1,7 +1,5 @@
 """`LabelledImages`, what every loader returns: uint8 images in channel-first layout and labels."""
 
-from __future__ import annotations
-
 import dataclasses
 import os
 import zipfile

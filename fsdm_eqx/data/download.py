@@ -5,8 +5,6 @@ A file is streamed into a temporary file next to its destination and moved into 
 behind looking complete.
 """
 
-from __future__ import annotations
-
 import hashlib
 import http.client
 import os

@@ -5,8 +5,6 @@ decompressed payload against the official payload md5, so a re-compressed copy i
 accepted when, and only when, its bytes are the official ones.
 """
 
-from __future__ import annotations
-
 import gzip
 import hashlib
 import os

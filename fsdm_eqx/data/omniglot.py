@@ -7,8 +7,6 @@ resized with PIL's box filter (an area average, as the FSDM reference preprocess
 or 32x32.
 """
 
-from __future__ import annotations
-
 import dataclasses
 import io
 import os

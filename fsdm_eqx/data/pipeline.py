@@ -1,7 +1,5 @@
 """From a `DataConfig` to a dataset, its class split and the set sampler."""
 
-from __future__ import annotations
-
 from ..config import DataConfig
 from .cifar100 import load_cifar100
 from .dataset import LabelledImages

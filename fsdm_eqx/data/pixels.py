@@ -6,8 +6,6 @@ truncated as the FSDM reference quantises its samples (the FID protocol's defaul
 the nearest level (``rounding="nearest"``, the figures'), which inverts ``to_float`` exactly.
 """
 
-from __future__ import annotations
-
 from typing import Literal
 
 import numpy as np
@@ -26,8 +24,8 @@ def to_float(pixels: UInt8[np.ndarray, "*shape"]) -> Float32[np.ndarray, "*shape
     """Map uint8 pixels 0..255 linearly onto float32 [-1, 1] as ``(u - 127.5) * (1 / 127.5)``.
 
     Exact at the ends (0 -> -1, 255 -> 1) and within one float32 ulp, relative, elsewhere (the
-    subtraction is exact, so nothing cancels near 0); a cast and two in-place passes, several
-    times faster than a table lookup.
+    subtraction is exact, so nothing cancels near 0); a cast and two in-place passes, faster
+    than a table lookup.
 
     **Arguments:**
     - `pixels`: uint8 images, any shape.

@@ -9,8 +9,6 @@
   of training for validation (the official split has none).
 """
 
-from __future__ import annotations
-
 import dataclasses
 from collections.abc import Sequence
 from typing import Any, Literal

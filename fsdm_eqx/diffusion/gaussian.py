@@ -7,8 +7,6 @@ respaced schedule the model is called with ``schedule.timesteps[t]``, the traini
 step stands for.
 """
 
-from __future__ import annotations
-
 import math
 from collections.abc import Callable
 from typing import NamedTuple

@@ -6,8 +6,6 @@ Each takes a model function ``(x_t, t) -> prediction`` for one example and the s
 (``make_schedule(..., sampling_steps=n)``) samples with a model trained on the full one.
 """
 
-from __future__ import annotations
-
 import diffrax
 import equinox as eqx
 import jax

@@ -7,8 +7,6 @@ Respacing keeps a subset of timesteps and recomputes the betas so that alpha_bar
 that subset (improved DDPM, section 4).
 """
 
-from __future__ import annotations
-
 import math
 
 import equinox as eqx

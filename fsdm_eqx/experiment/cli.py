@@ -3,8 +3,6 @@
 ``--preset NAME`` picks the defaults (one of `PRESETS`); every field of the configs is a flag.
 """
 
-from __future__ import annotations
-
 import argparse
 import sys
 from collections.abc import Sequence

@@ -5,8 +5,6 @@ run settings; `PRESETS` names the paper's runs and a smoke test; `experiment_con
 reads a configuration back from ``config.json`` or a checkpoint's metadata.
 """
 
-from __future__ import annotations
-
 import dataclasses
 from typing import Any, Literal
 

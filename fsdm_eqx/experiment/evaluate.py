@@ -9,8 +9,6 @@ helpers fix the support sets, training sets and validation batches once, so that
 evaluation of a run sees the same ones, and compile the generation and loss once.
 """
 
-from __future__ import annotations
-
 import dataclasses
 import json
 import time

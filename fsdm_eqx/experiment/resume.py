@@ -11,8 +11,6 @@ further), logging, evaluation and checkpoint intervals, the evaluation protocol,
 optimiser state that no longer fits is refused by `restore_checkpoint` itself).
 """
 
-from __future__ import annotations
-
 import dataclasses
 import json
 import warnings

@@ -6,8 +6,6 @@ holds a checkpoint), evaluates the EMA model and writes ``config.json``, ``metri
 process trains and evaluates, and process 0 alone writes these files and prints.
 """
 
-from __future__ import annotations
-
 import dataclasses
 import json
 import time

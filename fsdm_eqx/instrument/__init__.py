@@ -33,5 +33,3 @@ from .sinks import (
     Sink as Sink,
 )
 from .wandb_sink import WandbSink as WandbSink, make_sink as make_sink
-
-context_stats = context_statistics

@@ -10,8 +10,6 @@ posterior mean); nothing here is a second implementation of the encoder. The hea
 that a training loop sends to its sink at evaluation time.
 """
 
-from __future__ import annotations
-
 import math
 from collections.abc import Sequence
 from typing import NamedTuple

@@ -8,8 +8,6 @@ none. `rows_figure` and `samples_figure` instead take uint8 pixels the caller qu
 a matplotlib colormap object directly, so no pyplot state is touched.
 """
 
-from __future__ import annotations
-
 from collections.abc import Sequence
 from pathlib import Path
 

@@ -4,8 +4,6 @@
 one layer whose gradients or updates vanish or explode is visible on its own.
 """
 
-from __future__ import annotations
-
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -1,7 +1,5 @@
 """Norms per top-level subtree and statistics of the context, computed inside the jitted step."""
 
-from __future__ import annotations
-
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PyTree

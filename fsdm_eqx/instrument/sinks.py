@@ -5,8 +5,6 @@ Sinks receive host values only (Python floats, uint8 numpy images, numpy arrays 
 so they never touch JAX.
 """
 
-from __future__ import annotations
-
 import json
 import math
 import pathlib

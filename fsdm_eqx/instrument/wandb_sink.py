@@ -6,8 +6,6 @@ everything logged is also written under the run directory by a `JsonlSink`, so a
 keeps its metrics, images, histograms and tables.
 """
 
-from __future__ import annotations
-
 import contextlib
 import netrc
 import os

@@ -18,8 +18,6 @@ The reader here unpickles with a whitelist of exactly those globals (plus ``Orde
 hostile file cannot run code, and rebuilds each tensor as a numpy array with ``as_strided``.
 """
 
-from __future__ import annotations
-
 import collections
 import hashlib
 import io

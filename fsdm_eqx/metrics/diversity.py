@@ -1,7 +1,5 @@
 """Sample diversity: how far apart the images generated from one support set are."""
 
-from __future__ import annotations
-
 import numpy as np
 from jaxtyping import Float
 

@@ -41,8 +41,6 @@ Where this implementation differs from the reference code, and why:
   which stays real, and is comparable between models but not with the pooled FID.
 """
 
-from __future__ import annotations
-
 import dataclasses
 import functools
 import json

@@ -19,8 +19,6 @@ float64, as the reference evaluators do, so that FID figures are comparable with
   manifold is the union of balls reaching each point's k-th nearest neighbour (k = 3).
 """
 
-from __future__ import annotations
-
 import warnings
 from typing import NamedTuple
 

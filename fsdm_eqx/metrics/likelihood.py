@@ -15,8 +15,6 @@ that same 5-image context, averaged over all six choices of the held-out image. 
 reference, the predicted x_0 is clipped to [-1, 1] when the diffusion config clips it.
 """
 
-from __future__ import annotations
-
 import dataclasses
 import functools
 import json

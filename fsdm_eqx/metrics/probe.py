@@ -9,8 +9,6 @@ measures the encoder apart from the generator: a context that does not identify 
 cannot condition the denoiser on it.
 """
 
-from __future__ import annotations
-
 import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any, Literal

@@ -8,8 +8,6 @@ exact pixels: a changed split, seed, count or weights file names another file, a
 file is recomputed.
 """
 
-from __future__ import annotations
-
 import dataclasses
 import hashlib
 import os

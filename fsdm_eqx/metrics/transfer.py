@@ -12,8 +12,6 @@ are not in any support set:
   generated distances far below the real ones.
 """
 
-from __future__ import annotations
-
 import numpy as np
 from jaxtyping import Float, Integer
 

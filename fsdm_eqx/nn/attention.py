@@ -8,8 +8,6 @@ same module: a learned softmax temperature and a masked diagonal. The layer help
 feed-forward MLP live in `layers`.
 """
 
-from __future__ import annotations
-
 from typing import NamedTuple
 
 import equinox as eqx

@@ -3,11 +3,10 @@
 Two formulations compute the same function with the same parameters:
 
 - `xla`: `lax.conv_general_dilated` in NHWC/HWIO. On GPU this is cuDNN. On CPU, jaxlib 0.10's
-  XLA:CPU runs channels-last convolutions through YNNPACK at 117-256 GFLOP/s forward + backward
-  on the UNet's 3x3 shapes (2 cores, a dense matmul reaches about 170), while the same
-  convolution written as im2col runs at 62-177 GFLOP/s: the copies of the shifted views cost
-  more than the matmul saves. Channels-first convolutions inside a loop, the slow case, are
-  avoided by keeping networks channels-last (`Conv2d.channels_last`).
+  XLA:CPU runs channels-last convolutions through YNNPACK, faster on the UNet's 3x3 shapes than
+  the same convolution written as im2col: the copies of the shifted views cost more than the
+  matmul saves (README, "Benchmarks"). Channels-first convolutions inside a loop, the slow case,
+  are avoided by keeping networks channels-last (`Conv2d.channels_last`).
 - `im2col`: the ``kh * kw`` shifted (and strided) views of the zero-padded image stacked on the
   channel axis and contracted with the kernel in one matmul. When the windows tile the image
   (``stride == kernel``, no padding: patch embeddings) the views are a reshape, with no copy, and
@@ -15,8 +14,6 @@ Two formulations compute the same function with the same parameters:
 
 `auto` (the default) picks per call from the backend and the kernel's shape.
 """
-
-from __future__ import annotations
 
 from typing import Literal
 

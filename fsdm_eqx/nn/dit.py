@@ -9,8 +9,6 @@ context is a set of tokens that the image tokens attend to through a cross-atten
 block, whose output projection also starts at zero.
 """
 
-from __future__ import annotations
-
 import math
 from typing import Literal
 

@@ -6,8 +6,6 @@ alone, the vectors averaged over the set). `FSDM` only needs this interface; the
 instrumentation of attention maps reads the transformers' `AbstractSetEncoder.trace`.
 """
 
-from __future__ import annotations
-
 import abc
 
 import equinox as eqx

@@ -14,8 +14,6 @@ then divides the set's loss by ``ns``, so its KL weight is ``1 / ns`` of this on
 time the posterior mean is the context.
 """
 
-from __future__ import annotations
-
 import dataclasses
 import functools
 import math

@@ -5,8 +5,6 @@ per-token application of vector layers, the sinusoidal timestep embedding, patch
 and the transformer feed-forward MLP.
 """
 
-from __future__ import annotations
-
 import math
 from collections.abc import Callable, Sequence
 
@@ -68,8 +66,8 @@ def apply_tokens(
     """Apply a per-vector layer (Linear, LayerNorm) to every token.
 
     A linear layer becomes one tokens-major matmul ``x @ W.T``: `jax.vmap` of `eqx.nn.Linear`
-    computes ``W @ x.T``, whose features-major output XLA:CPU then transposes, at about 0.7x the
-    speed end to end (forward and backward of a transformer MLP).
+    computes ``W @ x.T``, whose features-major output XLA:CPU then transposes, slower end to end
+    (forward and backward of a transformer MLP).
     """
     if isinstance(layer, eqx.nn.Linear):
         y = jnp.dot(x, layer.weight.T)

@@ -1,7 +1,5 @@
 """The Gaussian posterior over the context, q(c | X) = N(mu, diag(exp(logvar))), and its KL."""
 
-from __future__ import annotations
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp

@@ -21,8 +21,6 @@ network outputs exactly zero.
 image of a set into a vector; the set's context is the mean of its images' vectors.
 """
 
-from __future__ import annotations
-
 import math
 from collections.abc import Callable
 from typing import Annotated, NamedTuple, TypeVar

@@ -44,8 +44,6 @@ Differences from the reference code:
 - Class token and position embeddings start from N(0, 0.02^2) rather than N(0, 1).
 """
 
-from __future__ import annotations
-
 import abc
 from typing import NamedTuple, NotRequired, TypedDict, Unpack, get_args
 

@@ -10,8 +10,6 @@ A checkpoint damaged afterwards (a truncated or altered file) is named with what
 a run directory skips it, with a warning, for the newest intact one (`resumable_checkpoint`).
 """
 
-from __future__ import annotations
-
 import hashlib
 import json
 import os

@@ -6,8 +6,6 @@ the throughput, progress and device memory. Images come every ``sample_every`` s
 visuals (images, histograms, scalars) at evaluation time.
 """
 
-from __future__ import annotations
-
 import dataclasses
 import math
 import pathlib

@@ -1,7 +1,5 @@
 """The training objective of an `FSDM`, in the form the training step takes."""
 
-from __future__ import annotations
-
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray

@@ -5,8 +5,6 @@ The decays of `OptimConfig.lr_schedule` that depend only on the step count (cosi
 whose scale multiplies that learning rate.
 """
 
-from __future__ import annotations
-
 from collections.abc import Hashable
 from typing import Any, NamedTuple
 

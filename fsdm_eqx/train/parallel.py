@@ -6,8 +6,6 @@ The mesh and placements live in `fsdm_eqx.sharding` (evaluation uses them too) a
 re-exported here.
 """
 
-from __future__ import annotations
-
 import os
 
 import jax

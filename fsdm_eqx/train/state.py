@@ -1,7 +1,5 @@
 """The training state: one PyTree with everything a step changes."""
 
-from __future__ import annotations
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp

@@ -10,8 +10,6 @@ differentiates with respect to the parameters and the offsets together, so the g
 respect to the contexts comes from the same backward pass.
 """
 
-from __future__ import annotations
-
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
