@@ -12,7 +12,6 @@ Plain NumPy reads it (``np.load``); `load_exported` rebuilds the model from the 
 import dataclasses
 import json
 import os
-import sys
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._cli import run_config_cli
 from .config import check_fields, no_type_check
 from .experiment.config import ExperimentConfig, experiment_config_from_dict
 from .nn.fsdm import FSDM
@@ -229,17 +229,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     **Arguments:**
     - `argv`: the arguments (default ``sys.argv[1:]``).
     """
-    import tyro
-
-    try:
-        config = tyro.cli(
-            ExportConfig,
-            args=sys.argv[1:] if argv is None else list(argv),
-            description="Export the EMA model of a checkpoint and its configuration to one .npz.",
-        )
-        run_export(config)
-    except (ValueError, CheckpointError, OSError) as e:
-        sys.exit(f"error: {e}")
+    run_config_cli(
+        ExportConfig,
+        run_export,
+        argv,
+        description="Export the EMA model of a checkpoint and its configuration to one .npz.",
+        errors=(ValueError, CheckpointError, OSError),
+    )
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ its channels), generates ``--num`` images with the EMA model and writes them as
 
 import dataclasses
 import math
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray, UInt8
 from PIL import Image, UnidentifiedImageError
 
+from ._cli import run_config_cli
 from ._custom_types import NonNegativeFloat, NonNegativeInt, PositiveInt, SamplerName
 from .config import check_fields, no_type_check
 from .data.pixels import to_float, to_uint8
@@ -298,17 +298,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     **Arguments:**
     - `argv`: the arguments (default ``sys.argv[1:]``).
     """
-    import tyro
-
-    try:
-        config = tyro.cli(
-            SampleConfig,
-            args=sys.argv[1:] if argv is None else list(argv),
-            description="Generate images of a new class from a checkpoint and its support images.",
-        )
-        run_sample(config)
-    except (ValueError, CheckpointError, SupportImagesError) as e:
-        sys.exit(f"error: {e}")
+    run_config_cli(
+        SampleConfig,
+        run_sample,
+        argv,
+        description="Generate images of a new class from a checkpoint and its support images.",
+        errors=(ValueError, CheckpointError, SupportImagesError),
+    )
 
 
 if __name__ == "__main__":

@@ -37,6 +37,11 @@ def _smoke_args(run_dir: Path) -> list[str]:
     ]  # fmt: skip
 
 
+NO_EVALUATION = ["--no-fid", "--no-probe", "--no-likelihood", "--visual-sets", "0",
+                 "--run.sample-every", "0"]  # fmt: skip
+"""Flags that leave every evaluation and sample out of a (resumed) smoke run."""
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], Path, str]:
     run_dir = tmp_path_factory.mktemp("smoke")
@@ -231,9 +236,7 @@ def test_sample_cli_on_the_smoke_run(
 def test_rerun_resumes(smoke_run: tuple[list[str], Path, str]) -> None:
     args, run_dir, _ = smoke_run
     steps = PRESETS["smoke"].run.num_steps
-    cheap = ["--no-fid", "--no-probe", "--no-likelihood", "--visual-sets", "0",
-             "--run.sample-every", "0"]  # fmt: skip
-    main([*args, *cheap, "--run.num-steps", str(steps + 5), "--run.wandb", "disabled"])
+    main([*args, *NO_EVALUATION, "--run.num-steps", str(steps + 5), "--run.wandb", "disabled"])
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["resumed_from"] == steps
     assert metrics["step"] == steps + 5
@@ -257,9 +260,7 @@ def test_rerun_skips_a_damaged_checkpoint(
     steps = sorted(int(p.name[len("step_") :]) for p in copy.glob("step_*"))
     newest = copy / f"step_{steps[-1]:08d}"
     _overwrite_a_few_bytes(newest / "metadata.json")
-    cheap = ["--no-fid", "--no-probe", "--no-likelihood", "--visual-sets", "0",
-             "--run.sample-every", "0"]  # fmt: skip
-    argv = [*_smoke_args(copy), *cheap, "--run.wandb", "disabled"]
+    argv = [*_smoke_args(copy), *NO_EVALUATION, "--run.wandb", "disabled"]
     with pytest.warns(UserWarning, match="damaged") as caught:
         main([*argv, "--run.num-steps", str(steps[-1])])
     assert any(str(newest / "metadata.json") in str(w.message) for w in caught)
@@ -288,10 +289,8 @@ def test_resume_refuses_another_model_unless_told(
     shutil.copytree(run_dir, copy)
     newest = max(int(p.name[len("step_") :]) for p in copy.glob("step_*"))
     written = (copy / "config.json").read_text()
-    cheap = ["--no-fid", "--no-probe", "--no-likelihood", "--visual-sets", "0",
-             "--run.sample-every", "0", "--run.wandb", "disabled"]  # fmt: skip
-    argv = [*_smoke_args(copy), *cheap, "--run.num-steps", str(newest),
-            "--model.encoder-dropout", "0.1"]  # fmt: skip
+    argv = [*_smoke_args(copy), *NO_EVALUATION, "--run.wandb", "disabled",
+            "--run.num-steps", str(newest), "--model.encoder-dropout", "0.1"]  # fmt: skip
     with pytest.raises(SystemExit) as info:
         main(argv)
     message = str(info.value.code)

@@ -202,18 +202,9 @@ def test_checkpoint_of_an_older_format_is_one_error(state, tmp_path):
 
 def test_incompatible_model(state, tmp_path, getkey):
     path = save_checkpoint(tmp_path, state, metadata={})
-
-    class WiderModel(eqx.Module):
-        encoder: eqx.nn.Linear
-        denoiser: eqx.nn.Linear
-
-        def __init__(self, key):
-            k1, k2 = jax.random.split(key)
-            self.encoder = eqx.nn.Linear(4, 5, key=k1)
-            self.denoiser = eqx.nn.Linear(4 + 5, 4, key=k2)
-
     key = getkey()
-    other = init_train_state(WiderModel(key), OPTIM, key=key, total_steps=10)
+    wider = TinyModel(key, context_dim=5)
+    other = init_train_state(wider, OPTIM, key=key, total_steps=10)
     with pytest.raises(CheckpointError) as error:
         restore_checkpoint(tmp_path, like=other)
     message = _one_sentence(error, path / "state.eqx")

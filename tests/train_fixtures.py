@@ -17,15 +17,16 @@ TOTAL_STEPS = 20
 
 
 class TinyModel(eqx.Module):
-    """An encoder that pools a set into a context, and a denoiser conditioned on it."""
+    """An encoder that pools a set into a context (``context_dim`` wide, 3 by default), and a
+    denoiser conditioned on it."""
 
     encoder: eqx.nn.Linear
     denoiser: eqx.nn.Linear
 
-    def __init__(self, key):
+    def __init__(self, key, context_dim: int = 3):
         k1, k2 = jax.random.split(key)
-        self.encoder = eqx.nn.Linear(4, 3, key=k1)
-        self.denoiser = eqx.nn.Linear(4 + 3, 4, key=k2)
+        self.encoder = eqx.nn.Linear(4, context_dim, key=k1)
+        self.denoiser = eqx.nn.Linear(4 + context_dim, 4, key=k2)
 
 
 def tiny_context(model: TinyModel, x_set):

@@ -6,6 +6,8 @@ Each takes a model function ``(x_t, t) -> prediction`` for one example and the s
 (``make_schedule(..., sampling_steps=n)``) samples with a model trained on the full one.
 """
 
+from collections.abc import Callable
+
 import diffrax
 import equinox as eqx
 import jax
@@ -13,12 +15,41 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
 from ..config import DiffusionConfig, VarianceType
-from .gaussian import ModelFn, p_mean_variance, predict_eps_from_x0, split_model_output
+from .gaussian import (
+    ModelFn,
+    PMeanVariance,
+    p_mean_variance,
+    predict_eps_from_x0,
+    split_model_output,
+)
 from .schedule import Schedule, continuous_timestep, log_sigma, make_schedule
 
 
-def _reverse_steps(schedule: Schedule) -> Array:
-    return jnp.arange(schedule.num_steps - 1, -1, -1)
+def _ancestral_walk(
+    model_fn: ModelFn,
+    schedule: Schedule,
+    x_T: Float[Array, "*shape"],
+    key: PRNGKeyArray,
+    update: Callable[[Array, Array, PMeanVariance, Array], Array],
+    *,
+    variance: VarianceType,
+    clip_denoised: bool,
+) -> Float[Array, "*shape"]:
+    """Walk the schedule from step n - 1 down to 0 in one ``lax.scan``: at step ``i`` the model's
+    `p_mean_variance` ``p`` at ``x`` and fresh noise ``z`` give the next ``update(x, i, p, z)``.
+    The noise of every step comes from ``key``."""
+    keys = jax.random.split(key, schedule.num_steps)
+
+    def step(x: Array, inputs: tuple[Array, Array]) -> tuple[Array, None]:
+        i, step_key = inputs
+        out = model_fn(x, schedule.timesteps[i].astype(x.dtype))
+        p = p_mean_variance(schedule, out, x, i, variance=variance, clip_denoised=clip_denoised)
+        noise = jax.random.normal(step_key, x.shape, x.dtype)
+        return update(x, i, p, noise), None
+
+    steps = jnp.arange(schedule.num_steps - 1, -1, -1)
+    x0, _ = jax.lax.scan(step, x_T, (steps, keys[steps]))
+    return x0
 
 
 def ddpm_sample(
@@ -42,19 +73,14 @@ def ddpm_sample(
 
     **Returns:** the sample x_0.
     """
-    keys = jax.random.split(key, schedule.num_steps)
 
-    def step(x: Array, inputs: tuple[Array, Array]) -> tuple[Array, None]:
-        i, step_key = inputs
-        out = model_fn(x, schedule.timesteps[i].astype(x.dtype))
-        p = p_mean_variance(schedule, out, x, i, variance=variance, clip_denoised=clip_denoised)
-        noise = jax.random.normal(step_key, x.shape, x.dtype)
-        x = p.mean + jnp.where(i > 0, jnp.exp(0.5 * p.log_variance), 0.0) * noise
-        return x, None
+    def update(x: Array, i: Array, p: PMeanVariance, noise: Array) -> Array:
+        del x
+        return p.mean + jnp.where(i > 0, jnp.exp(0.5 * p.log_variance), 0.0) * noise
 
-    steps = _reverse_steps(schedule)
-    x0, _ = jax.lax.scan(step, x_T, (steps, keys[steps]))
-    return x0
+    return _ancestral_walk(
+        model_fn, schedule, x_T, key, update, variance=variance, clip_denoised=clip_denoised
+    )
 
 
 def ddim_sample(
@@ -81,12 +107,8 @@ def ddim_sample(
     if eta > 0 and key is None:
         raise ValueError("ddim_sample with eta > 0 draws noise: pass a key.")
     key = jax.random.key(0) if key is None else key
-    keys = jax.random.split(key, schedule.num_steps)
 
-    def step(x: Array, inputs: tuple[Array, Array]) -> tuple[Array, None]:
-        i, step_key = inputs
-        out = model_fn(x, schedule.timesteps[i].astype(x.dtype))
-        p = p_mean_variance(schedule, out, x, i, variance=variance, clip_denoised=clip_denoised)
+    def update(x: Array, i: Array, p: PMeanVariance, noise: Array) -> Array:
         eps = predict_eps_from_x0(schedule, x, i, p.pred_x0)
         abar, abar_prev = schedule.alphas_cumprod[i], schedule.alphas_cumprod_prev[i]
         sigma = eta * jnp.sqrt((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev))
@@ -94,12 +116,11 @@ def ddim_sample(
             jnp.sqrt(abar_prev) * p.pred_x0
             + jnp.sqrt(jnp.maximum(1 - abar_prev - sigma**2, 0.0)) * eps
         )
-        noise = jax.random.normal(step_key, x.shape, x.dtype)
-        return mean + jnp.where(i > 0, sigma, 0.0) * noise, None
+        return mean + jnp.where(i > 0, sigma, 0.0) * noise
 
-    steps = _reverse_steps(schedule)
-    x0, _ = jax.lax.scan(step, x_T, (steps, keys[steps]))
-    return x0
+    return _ancestral_walk(
+        model_fn, schedule, x_T, key, update, variance=variance, clip_denoised=clip_denoised
+    )
 
 
 def ode_sample(

@@ -140,6 +140,22 @@ def distro_label(seen_in_training: bool) -> Distro:
     return "in-distro" if seen_in_training else "out-distro"
 
 
+def labelled_images(
+    images: UInt8[np.ndarray, "n c h w"], labels: Integer[np.ndarray, " n"]
+) -> tuple[UInt8[np.ndarray, "n c h w"], Integer[np.ndarray, " n"]]:
+    """The dataset of an evaluation as numpy arrays, checked: uint8 images ``(n, c, h, w)`` and
+    one label per image; raises `ValueError` otherwise."""
+    images = np.asarray(images)
+    labels = np.asarray(labels)
+    if images.ndim != 4 or images.dtype != np.uint8:
+        raise ValueError(
+            f"images must be uint8 of shape (n, c, h, w); got {images.dtype} {images.shape}."
+        )
+    if labels.shape != (images.shape[0],):
+        raise ValueError(f"labels must have shape ({images.shape[0]},); got {labels.shape}.")
+    return images, labels
+
+
 def draw_support_sets(
     labels: Integer[np.ndarray, " n"],
     classes: Sequence[int],
@@ -298,14 +314,7 @@ def fewshot_fid(
     **Returns:** a `FewShotFIDResult` (serialises to JSON with `to_json`).
     """
     config = EvalConfig() if config is None else config
-    images = np.asarray(images)
-    labels = np.asarray(labels)
-    if images.ndim != 4 or images.dtype != np.uint8:
-        raise ValueError(
-            f"images must be uint8 of shape (n, c, h, w); got {images.dtype} {images.shape}."
-        )
-    if labels.shape != (images.shape[0],):
-        raise ValueError(f"labels must have shape ({images.shape[0]},); got {labels.shape}.")
+    images, labels = labelled_images(images, labels)
     distro = distro_label(seen_in_training)
     chosen = tuple(int(c) for c in (np.unique(labels) if classes is None else classes))
 

@@ -19,6 +19,7 @@ from jaxtyping import Array, Float, Integer, UInt8
 
 from ..batching import map_in_batches
 from ..data.pixels import to_float
+from .fewshot import labelled_images
 
 __all__ = ["ProbeResult", "fewshot_probe", "nearest_context_classify"]
 
@@ -185,14 +186,7 @@ def fewshot_probe(
 
     **Returns:** a `ProbeResult` over ``num_episodes * len(classes) * queries_per_class`` queries.
     """
-    images = np.asarray(images)
-    labels = np.asarray(labels)
-    if images.ndim != 4 or images.dtype != np.uint8:
-        raise ValueError(
-            f"images must be uint8 of shape (n, c, h, w); got {images.dtype} {images.shape}."
-        )
-    if labels.shape != (images.shape[0],):
-        raise ValueError(f"labels must have shape ({images.shape[0]},); got {labels.shape}.")
+    images, labels = labelled_images(images, labels)
     if min(ns, num_episodes, queries_per_class, batch_size) < 1:
         raise ValueError("ns, num_episodes, queries_per_class and batch_size must all be >= 1.")
     chosen = tuple(int(c) for c in (np.unique(labels) if classes is None else classes))

@@ -22,7 +22,7 @@ image of a set into a vector; the set's context is the mean of its images' vecto
 """
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Annotated, NamedTuple, TypeVar
 
 import equinox as eqx
@@ -366,35 +366,46 @@ def _levels(
     return _Levels(padded - image_size, attends, (*channels, model_channels * channel_mult[-1]))
 
 
-def _down_path(
-    ch: int,
+_A = TypeVar("_A", bound=_Attention)
+
+
+def _down_half(
+    in_channels: int,
     model_channels: int,
     channel_mult: tuple[int, ...],
     num_res_blocks: int,
-    attends: tuple[bool, ...],
-    *,
+    geometry: _Levels,
     res: Callable[[int, int], _ResBlock],
-    attn: Callable[[int], _Attention],
-    downsample: Callable[[int], _Downsample],
-) -> tuple[tuple[_Stage | _Downsample, ...], list[int]]:
-    """The downsampling half of a UNet from ``ch`` input channels: per level, ``num_res_blocks``
-    residual blocks (each followed by attention where the level attends), then a downsampling
-    between levels. The factories build (and draw keys for) the blocks in that order.
+    attn: Callable[[int], _A],
+    keys: Iterator[PRNGKeyArray],
+) -> tuple[Conv2d, tuple[_Stage | _Downsample, ...], list[int], _ResBlock, _A, _ResBlock]:
+    """The input convolution from ``in_channels``, the downsampling half and the middle block
+    that `UNet` and `UNetSetEncoder` share.
 
-    **Returns:** the blocks and the channels after each of them (the UNet's skip channels).
+    The downsampling half has, per level, ``num_res_blocks`` residual blocks (each followed by
+    attention where ``geometry`` says the level attends), then a downsampling between levels; the
+    middle block is residual, attention, residual. Everything is built in that order, ``res``
+    and ``attn`` drawing their own keys and the rest taking the next of ``keys``.
+
+    **Returns:** the input convolution, the downsampling blocks, the channels after the input
+    convolution and after each downsampling block (the UNet's skip channels), and the middle
+    block's residual, attention and residual blocks.
     """
+    ch = model_channels * channel_mult[0]
+    conv_in = Conv2d(in_channels, ch, 3, padding=1, key=next(keys))
     blocks: list[_Stage | _Downsample] = []
-    channels: list[int] = []
+    channels = [ch]
     for level, mult in enumerate(channel_mult):
         for _ in range(num_res_blocks):
             out = model_channels * mult
-            blocks.append(_Stage(res(ch, out), attn(out) if attends[level] else None, None))
+            block = _Stage(res(ch, out), attn(out) if geometry.attends[level] else None, None)
+            blocks.append(block)
             ch = out
             channels.append(ch)
         if level != len(channel_mult) - 1:
-            blocks.append(downsample(ch))
+            blocks.append(_Downsample(ch, key=next(keys)))
             channels.append(ch)
-    return tuple(blocks), channels
+    return conv_in, tuple(blocks), channels, res(ch, ch), attn(ch), res(ch, ch)
 
 
 def _run_down(
@@ -534,23 +545,10 @@ class UNet(AbstractDenoiser):
 
         self.time_in = eqx.nn.Linear(model_channels, time_dim, key=next(keys))
         self.time_out = eqx.nn.Linear(time_dim, time_dim, key=next(keys))
-        ch = model_channels * channel_mult[0]
-        self.conv_in = Conv2d(in_channels, ch, 3, padding=1, key=next(keys))
-        self.down, down_channels = _down_path(
-            ch,
-            model_channels,
-            channel_mult,
-            num_res_blocks,
-            geometry.attends,
-            res=res,
-            attn=attn,
-            downsample=lambda c: _Downsample(c, key=next(keys)),
+        self.conv_in, self.down, skips, self.mid_res1, self.mid_attn, self.mid_res2 = _down_half(
+            in_channels, model_channels, channel_mult, num_res_blocks, geometry, res, attn, keys
         )
-        skips = [ch, *down_channels]
         ch = skips[-1]
-        self.mid_res1 = res(ch, ch)
-        self.mid_attn = attn(ch)
-        self.mid_res2 = res(ch, ch)
         up: list[_Stage] = []
         for level in reversed(range(levels)):
             for i in range(num_res_blocks + 1):
@@ -747,22 +745,10 @@ class UNetSetEncoder(AbstractEncoder):
         def attn(ch: int) -> _SelfAttention:
             return _SelfAttention(ch, ch // head_channels, key=next(keys))
 
-        ch = model_channels * channel_mult[0]
-        self.conv_in = Conv2d(channels, ch, 3, padding=1, key=next(keys))
-        self.down, down_channels = _down_path(
-            ch,
-            model_channels,
-            channel_mult,
-            num_res_blocks,
-            geometry.attends,
-            res=res,
-            attn=attn,
-            downsample=lambda c: _Downsample(c, key=next(keys)),
+        self.conv_in, self.down, skips, self.mid_res1, self.mid_attn, self.mid_res2 = _down_half(
+            channels, model_channels, channel_mult, num_res_blocks, geometry, res, attn, keys
         )
-        ch = down_channels[-1]
-        self.mid_res1 = res(ch, ch)
-        self.mid_attn = attn(ch)
-        self.mid_res2 = res(ch, ch)
+        ch = skips[-1]
         self.out_norm = eqx.nn.GroupNorm(_GROUPS, ch)
         self.out_proj = _zero(eqx.nn.Linear(ch, hdim, key=next(keys)))
         self.image_size = image_size
