@@ -42,6 +42,17 @@ _SMALL_UNET = dict(
 )
 
 
+SMALL_UNET_ENCODER = dict(
+    encoder="unet",
+    unet_model_channels=32,
+    unet_channel_mult=(1, 2),
+    unet_num_res_blocks=1,
+    unet_attention_resolutions=(16,),
+    encoder_head_dim=32,
+)
+"""The smallest image-level UNet encoder the tests build (settings of `ModelConfig`)."""
+
+
 def small_unet(base: ModelConfig | None = None, **overrides: Any) -> ModelConfig:
     """The smallest FSDM with a UNet denoiser that the tests build: 32 channels, two levels of one
     residual block, attention at 16x16, no dropout; on ``base`` (the "smoke" preset by default)."""

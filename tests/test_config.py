@@ -289,6 +289,23 @@ def test_valid_data_combinations() -> None:
     DataConfig(dataset="mnist", class_split="random", image_size=28, flips=True)
 
 
+def _from_run_name(name: str) -> dict[str, Any]:
+    """The settings a reference run's name spells out,
+    ``vfsddpm_cifar100_<encoder>_<conditioning>_<pooling>_<context>`` (context `sigma`:
+    deterministic with a learned variance, `vi`: variational)."""
+    _, _, encoder, conditioning, pooling, context = name.split("_")
+    encoders = {"vit": "vit", "vitset": "svit", "unet": "unet"}
+    settings: dict[str, Any] = {
+        "encoder": encoders[encoder],
+        "conditioning": conditioning,
+        "pooling": {"meanpatch": "mean_patch"}.get(pooling, pooling),
+        "variational": context == "vi",
+    }
+    if encoder == "unet":
+        settings["encoder_time_token"] = False  # the image-level encoder reads no timestep
+    return settings
+
+
 def test_presets() -> None:
     assert set(MODEL_PRESETS) == {
         "paper-cifar100",
@@ -321,23 +338,11 @@ def test_presets() -> None:
         12,
         64,
     )
-    # the reference's other runs differ from it in the parts their names give
-    for name, changes in {
-        "vfsddpm_cifar100_vit_lag_agg_sigma": {"conditioning": "lag", "pooling": "agg"},
-        "vfsddpm_cifar100_vit_lag_none_sigma": {"conditioning": "lag", "pooling": "none"},
-        "vfsddpm_cifar100_vitset_lag_none_sigma": {
-            "encoder": "svit",
-            "conditioning": "lag",
-            "pooling": "none",
-        },
-        "vfsddpm_cifar100_unet_film_mean_sigma": {"encoder": "unet", "encoder_time_token": False},
-        "vfsddpm_cifar100_unet_film_mean_vi": {
-            "encoder": "unet",
-            "encoder_time_token": False,
-            "variational": True,
-        },
-    }.items():
-        assert model_preset(name) == dataclasses.replace(paper, **changes), name
+    # The reference's runs differ from it in exactly the parts their names give.
+    reference_runs = [name for name in MODEL_PRESETS if name.startswith("vfsddpm_")]
+    assert len(reference_runs) == 7
+    for name in reference_runs:
+        assert model_preset(name) == dataclasses.replace(paper, **_from_run_name(name)), name
     dit = model_preset("dit-s-cifar100")
     assert dit.dit_dims == (384, 12, 6) and dit.dit_patch_size == 2
     assert dataclasses.replace(dit, denoiser="unet") == paper

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import pathlib
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -225,6 +226,7 @@ def test_default_features_are_the_fid_inception():
 _SHARDED = """
 import os
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+import equinox as eqx
 import jax
 import numpy as np
 from fsdm_eqx.metrics.fewshot import generate_for_sets
@@ -399,3 +401,32 @@ def test_the_reference_cache_key_follows_pixels_and_extractor():
     assert cache.path_for(images) != other.path_for(images)
     assert cache.path_for(images) == cache.path_for(images.copy())
     assert tree_digest({"w": np.ones(3)}) != tree_digest({"w": np.ones(3) * 2})
+
+
+class _Shifted(eqx.Module):
+    """A generator holding weights, as the FSDM model does; ``traces`` counts compilations."""
+
+    shift: jax.Array
+    traces: list = eqx.field(static=True)
+
+    def __call__(self, support, key):
+        self.traces.append(1)  # runs only while tracing
+        return support + HALF_LEVEL + self.shift
+
+
+def test_a_pytree_generator_compiles_once_for_new_weights(dataset):
+    images, labels = dataset
+    traces: list = []
+    results = [
+        fewshot_fid(
+            _Shifted(jnp.asarray(shift), traces),
+            images,
+            labels,
+            seen_in_training=False,
+            config=CONFIG,
+            features_fn=_pixels,
+        )
+        for shift in (0.0, 0.5)
+    ]
+    assert len(traces) == 1  # the second evaluation, with other weights, reuses the compilation
+    assert results[0].fid < 1e-8 < results[1].fid  # ... and sees its own weights

@@ -2,6 +2,8 @@
 
 import json
 
+import equinox as eqx
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -102,3 +104,27 @@ def test_probe_explains_bad_input():
         fewshot_probe(_mean_colour, images, labels, ns=5, queries_per_class=10)
     with pytest.raises(ValueError, match="at least 2 classes"):
         fewshot_probe(_mean_colour, images, labels, classes=[0], ns=2, queries_per_class=2)
+
+
+class _ScaledMeanColour(eqx.Module):
+    """An embedding holding weights, as the FSDM model does; ``traces`` counts compilations."""
+
+    scale: jax.Array
+    traces: list = eqx.field(static=True)
+
+    def __call__(self, x_set):
+        self.traces.append(1)  # runs only while tracing
+        return self.scale * _mean_colour(x_set)
+
+
+def test_a_pytree_embedding_compiles_once_for_new_weights():
+    colours = np.array([[30, 30, 30], [200, 30, 30], [30, 200, 30]])
+    images, labels = _clusters(colours.astype(float), per_class=20, noise=8.0, seed=0)
+    traces: list = []
+    for scale in (1.0, 2.0):
+        result = fewshot_probe(
+            _ScaledMeanColour(jnp.asarray(scale), traces), images, labels, ns=5,
+            num_episodes=2, queries_per_class=5, batch_size=8,
+        )  # fmt: skip
+        assert result.accuracy == 1.0
+    assert len(traces) == 2  # support sets and one-image queries, each compiled once

@@ -17,7 +17,7 @@ from fsdm_eqx import diffusion
 from fsdm_eqx.config import DiffusionConfig, model_preset
 from fsdm_eqx.nn import FSDM, count_parameters, leave_one_out_indices
 from tests.conftest import shared_path
-from tests.helpers import perturb_zeros
+from tests.helpers import SMALL_UNET_ENCODER, perturb_zeros
 
 CONFIG = model_preset("smoke")
 NS, SHAPE = CONFIG.ns, (CONFIG.channels, CONFIG.image_size, CONFIG.image_size)
@@ -78,15 +78,6 @@ def test_leave_one_out_indices():
     assert idx.tolist() == [[1, 2, 3], [0, 2, 3], [0, 1, 3], [0, 1, 2]]
 
 
-UNET_ENCODER = dict(
-    encoder="unet",
-    unet_model_channels=32,
-    unet_channel_mult=(1, 2),
-    unet_num_res_blocks=1,
-    unet_attention_resolutions=(16,),
-    encoder_head_dim=32,
-)
-"""A small UNet encoder for the `smoke` networks."""
 LOO_CONFIGS = {
     "vit-film-variational": {},
     "svit-lag-deterministic": dict(
@@ -94,7 +85,7 @@ LOO_CONFIGS = {
     ),
     "vit-lag-agg": dict(pooling="agg", conditioning="lag", variational=False),
     "vit-lag-none-variational": dict(pooling="none", conditioning="lag"),
-    "unet-film-variational": UNET_ENCODER,
+    "unet-film-variational": SMALL_UNET_ENCODER,
 }
 
 

@@ -11,7 +11,7 @@ import pytest
 from fsdm_eqx.config import model_preset
 from fsdm_eqx.instrument.encoder import collect_visuals
 from fsdm_eqx.nn import FSDM, UNetSetEncoder, count_parameters
-from tests.helpers import perturb_zeros
+from tests.helpers import SMALL_UNET_ENCODER, perturb_zeros
 
 SIZE, CH, HDIM = 8, 3, 16
 SMALL = dict(
@@ -122,13 +122,8 @@ def test_model_with_the_unet_encoder_gets_saliency_but_no_attention_views():
     it gets the context saliency maps and the histograms only."""
     config = dataclasses.replace(
         model_preset("smoke"),
-        encoder="unet",
+        **SMALL_UNET_ENCODER | dict(unet_attention_resolutions=(8,)),
         image_size=16,
-        unet_model_channels=32,
-        unet_channel_mult=(1, 2),
-        unet_num_res_blocks=1,
-        unet_attention_resolutions=(8,),
-        encoder_head_dim=32,
         dit_patch_size=4,
     )
     model = eqx.nn.inference_mode(perturb_zeros(FSDM(config, key=jax.random.key(0))))

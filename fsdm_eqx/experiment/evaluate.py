@@ -112,6 +112,35 @@ def reference_cache_dir(config: ExperimentConfig) -> Path:
     return default_cache_dir(config.data.cache_dir) / "reference_statistics"
 
 
+class _Generator(eqx.Module):
+    """The few-shot protocol's generator: ``num`` samples of the model from one support set. A
+    PyTree, so that its generation compiles once for every evaluation of a run."""
+
+    model: FSDM
+    num: int = eqx.field(static=True)
+    diffusion: DiffusionConfig = eqx.field(static=True)
+
+    def __call__(
+        self, support: Float[Array, "m c h w"], key: PRNGKeyArray
+    ) -> Float[Array, "k c h w"]:
+        return self.model.sample(support, self.num, key=key, diffusion_config=self.diffusion)
+
+
+class _ProbeEmbedding(eqx.Module):
+    """The probe's view of a set: the model's context in inference mode (an encoder with a
+    timestep token read at t = 0, the clean images). `none` pooling gives a token per patch of
+    every image: their mean is compared, since a one-image query and a support set have
+    different numbers of tokens. A PyTree, so that it compiles once for every evaluation."""
+
+    model: FSDM
+    mean_tokens: bool = eqx.field(static=True)
+
+    def __call__(self, x_set: Float[Array, "m c h w"]) -> Array:
+        t = jnp.zeros(()) if self.model.time_token else None
+        c = self.model.context(x_set, t, inference=True).c
+        return c.mean(axis=0) if self.mean_tokens else c
+
+
 def _fid(
     config: ExperimentConfig,
     ema: FSDM,
@@ -126,12 +155,9 @@ def _fid(
         sampling_steps=min(eval_config.sampling_steps, sample_config.num_steps),
     )
 
-    def generate_one(s: Float[Array, "m c h w"], key: PRNGKeyArray) -> Float[Array, "k c h w"]:
-        return ema.sample(s, eval_config.samples_per_set, key=key, diffusion_config=sample_config)
-
     split = "train" if data.seen_in_training else config.eval.eval_split
     return fewshot_fid(
-        generate_one,
+        _Generator(ema, eval_config.samples_per_set, sample_config),
         data.images,
         data.labels,
         seen_in_training=data.seen_in_training,
@@ -177,16 +203,8 @@ def probe_views(
     accuracy (``Val/per_class_accuracy/<class name>``) returned, the confusion matrix logged to
     ``sink`` as ``Val/confusion_matrix``."""
 
-    def embed(x_set: Float[Array, "m c h w"]) -> Array:
-        # An encoder with a timestep token is read at t = 0, the clean images.
-        t = jnp.zeros(()) if config.model.encoder_time_token else None
-        c = ema.context(x_set, t, inference=True).c
-        # `none` pooling gives a token per patch of every image: compare their means, since a
-        # one-image query and a support set have different numbers of tokens.
-        return c.mean(axis=0) if config.model.pooling == "none" else c
-
     probe = fewshot_probe(
-        embed,
+        _ProbeEmbedding(ema, mean_tokens=config.model.pooling == "none"),
         data.images,
         data.labels,
         classes=data.classes,

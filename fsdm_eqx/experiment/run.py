@@ -147,6 +147,8 @@ def run_experiment(config: ExperimentConfig) -> dict[str, Any]:
         return images
 
     update_probe = make_update_probe(loss_fn, config.optim, mesh=mesh)
+    # The histograms' batch: the run's first, drawn once and kept on the devices.
+    probe_batch = shard_batch(sampler.batch(0)[0], mesh) if config.histogram_paths else None
 
     def visuals_fn(state: Any) -> Visuals:
         visuals = Visuals({}, {}, {})
@@ -158,9 +160,9 @@ def run_experiment(config: ExperimentConfig) -> dict[str, Any]:
                 heads=(0,),
                 key=jax.random.PRNGKey(config.eval.seed),
             )
-        if config.histogram_paths:
+        if probe_batch is not None:
             # The gradient and update the step would apply on the run's first batch.
-            grads, updates = update_probe(state, shard_batch(sampler.batch(0)[0], mesh))
+            grads, updates = update_probe(state, probe_batch)
             for name, tree in (("grads", grads), ("updates", updates)):
                 visuals.histograms.update(
                     path_histograms(tree, name, max_paths=config.histogram_paths)

@@ -49,6 +49,7 @@ import pathlib
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, cast
 
+import equinox as eqx
 import jax
 import numpy as np
 from jaxtyping import Array, Float, Integer, PRNGKeyArray, UInt8
@@ -202,6 +203,27 @@ def draw_support_sets(
     return SupportSets(indices=indices, classes=set_classes.astype(np.int64))
 
 
+@eqx.filter_jit
+def _generate_batch(
+    generate: GenerateFn,
+    x: Float[Array, "b ns c h w"],
+    ids: Integer[Array, " b"],
+    *,
+    seed: int,
+    expected: tuple[int, ...],
+) -> Float[Array, "b k c h w"]:
+    """``generate`` on a batch of sets. Compiled once per shape and per static part of
+    ``generate``: a generator that is a PyTree (an `eqx.Module` holding the model) compiles once
+    for all the evaluations of a run, whatever its weights."""
+    samples = jax.vmap(generate)(x, index_keys(seed, ids))
+    if samples.shape[1:] != expected:
+        raise ValueError(
+            f"generate returned images of shape {samples.shape[1:]} per set; expected "
+            f"{expected} (samples_per_set images shaped like the support images)."
+        )
+    return samples
+
+
 def generate_for_sets(
     generate: GenerateFn,
     supports: Float[np.ndarray, "s ns c h w"],
@@ -231,17 +253,10 @@ def generate_for_sets(
     devices = list(jax.local_devices() if devices is None else devices)
     expected = (samples_per_set, *supports.shape[2:])
 
-    @jax.jit
     def generate_batch(
         x: Float[Array, "b ns c h w"], ids: Integer[Array, " b"]
     ) -> Float[Array, "b k c h w"]:
-        samples = jax.vmap(generate)(x, index_keys(seed, ids))
-        if samples.shape[1:] != expected:
-            raise ValueError(
-                f"generate returned images of shape {samples.shape[1:]} per set; expected "
-                f"{expected} (samples_per_set images shaped like the support images)."
-            )
-        return samples
+        return _generate_batch(generate, x, ids, seed=seed, expected=expected)
 
     ids = np.arange(supports.shape[0], dtype=np.int32)
     sharding = batch_sharding(make_mesh(devices))
@@ -259,15 +274,17 @@ def _features(
     return np.concatenate(parts)
 
 
-def _inception_features_fn(config: EvalConfig) -> tuple[FeatureFn, str, str]:
+@functools.cache
+def _inception_features_fn(weights: str | None, batch_size: int) -> tuple[FeatureFn, str, str]:
     """The FID Inception as a feature function, its name and its identity (name and weights
-    digest) for the reference cache."""
+    digest) for the reference cache; loaded and hashed once per weights file, so that the
+    evaluations of a run do not read the weights again."""
     from .inception import inception_features, load_inception
 
-    model = load_inception(config.inception_weights)
+    model = load_inception(weights)
 
     def features(images: UInt8[np.ndarray, "n c h w"]) -> Float[np.ndarray, "n d"]:
-        return inception_features(model, images, batch_size=config.feature_batch_size)
+        return inception_features(model, images, batch_size=batch_size)
 
     name = "inception-v3-2015-12-05-pool3 (tf1 resize)"
     return features, name, f"{name} {tree_digest(model)}"
@@ -333,7 +350,9 @@ def fewshot_fid(
     fake = to_uint8(generated)
 
     if features_fn is None:
-        features_fn, name, identity = _inception_features_fn(config)
+        features_fn, name, identity = _inception_features_fn(
+            config.inception_weights, config.feature_batch_size
+        )
     else:
         name = features_name or getattr(features_fn, "__name__", type(features_fn).__name__)
         identity = name

@@ -13,6 +13,7 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
+import equinox as eqx
 import jax
 import numpy as np
 from jaxtyping import Array, Float, Integer, UInt8
@@ -149,6 +150,14 @@ def nearest_context_classify(
     return _result(truth, predicted, top5, labels)
 
 
+@eqx.filter_jit
+def _embed_each(embed: Callable[[Array], Array], x: Array) -> Array:
+    """``embed`` of each item of ``x``. Compiled once per shape and per static part of ``embed``:
+    an embedding that is a PyTree (an `eqx.Module` holding the model) compiles once for all the
+    evaluations of a run."""
+    return jax.vmap(embed)(x)
+
+
 def fewshot_probe(
     embed: EmbedFn,
     images: UInt8[np.ndarray, "n c h w"],
@@ -201,11 +210,14 @@ def fewshot_probe(
                 "lower ns or queries_per_class."
             )
 
-    def one_image_set(x: Float[Array, "c h w"]) -> Float[Array, "..."]:
-        return embed(x[None])
+    def embed_sets(x: Float[Array, "b m c h w"]) -> Array:
+        return _embed_each(embed, x)
 
-    embed_sets = jax.jit(jax.vmap(embed))
-    embed_queries = jax.jit(jax.vmap(one_image_set if embed_query is None else embed_query))
+    def embed_queries(x: Float[Array, "b c h w"]) -> Array:
+        if embed_query is None:
+            return _embed_each(embed, x[:, None])  # each query as a one-image set
+        return _embed_each(embed_query, x)
+
     rng = np.random.default_rng(seed)
     truth, predicted, top5 = [], [], []
     for _ in range(num_episodes):
